@@ -37,7 +37,9 @@ def test_images(batch: int, size: int, generator: torch.Generator) -> torch.Tens
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
@@ -45,6 +47,7 @@ def main() -> None:
     x0 = test_images(args.batch, args.size, g)
     pred, true = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
     report = {"batch": args.batch, "size": args.size}
+    levels = ["sharp", "medium", "smooth"]
     for mode in ("design", "scaled"):
         c = compute_complexity(x0, mode)
         squared_error, complexity_term = loss_terms(pred, true, c)
@@ -57,10 +60,10 @@ def main() -> None:
             "complexity_term": round(complexity_term.mean().item(), 6),
             "term_over_mse": round((complexity_term.mean() / squared_error.mean()).item(), 6),
             "score_by_detail_level": {
-                name: round(score[i::3].mean().item(), 6) for i, name in enumerate(["sharp", "medium", "smooth"])
+                name: round(score[i::3].mean().item(), 6) for i, name in enumerate(levels)
             },
             "step_by_detail_level": {
-                name: round(steps[i::3].mean().item(), 2) for i, name in enumerate(["sharp", "medium", "smooth"])
+                name: round(steps[i::3].mean().item(), 2) for i, name in enumerate(levels)
             },
             "fraction_of_steps_at_max": round((steps == 100.0).float().mean().item(), 3),
         }
