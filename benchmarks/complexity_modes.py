@@ -37,9 +37,7 @@ def test_images(batch: int, size: int, generator: torch.Generator) -> torch.Tens
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args()
@@ -59,12 +57,8 @@ def main() -> None:
             "mse": round(squared_error.mean().item(), 4),
             "complexity_term": round(complexity_term.mean().item(), 6),
             "term_over_mse": round((complexity_term.mean() / squared_error.mean()).item(), 6),
-            "score_by_detail_level": {
-                name: round(score[i::3].mean().item(), 6) for i, name in enumerate(levels)
-            },
-            "step_by_detail_level": {
-                name: round(steps[i::3].mean().item(), 2) for i, name in enumerate(levels)
-            },
+            "score_by_detail_level": {name: round(score[i::3].mean().item(), 6) for i, name in enumerate(levels)},
+            "step_by_detail_level": {name: round(steps[i::3].mean().item(), 2) for i, name in enumerate(levels)},
             "fraction_of_steps_at_max": round((steps == 100.0).float().mean().item(), 3),
         }
     print(json.dumps(report, indent=2))

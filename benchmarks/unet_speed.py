@@ -50,9 +50,7 @@ def time_train_step(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ch", type=int, default=64, help="base channels of the timed model (64 or 128)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cpu")
@@ -65,9 +63,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = UNet(UNetConfig.ddpm_cifar10(args.ch)).to(device).train()
-    times = time_train_step(
-        model, args.batch, device, args.autocast, args.channels_last, args.warmup, args.iters
-    )
+    times = time_train_step(model, args.batch, device, args.autocast, args.channels_last, args.warmup, args.iters)
     median = statistics.median(times)
     print(
         json.dumps(

@@ -101,9 +101,7 @@ def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.
     return out.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def q_sample(
-    x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor
-) -> torch.Tensor:
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Sample q(x_t | x_0): ``sqrt(alpha_t) * x0 + sqrt(1 - alpha_t) * noise`` (DDIM eq. 4).
 
     Shapes: ``x0``, ``noise`` ``[B, ...]``; ``t`` LongTensor ``[B]``.
@@ -218,9 +216,7 @@ def ddim_step(
     x_prev = a_prev.sqrt() * x0_pred + coeff * eps
     if eta > 0:
         if noise is None:
-            raise ValueError(
-                "ddim_step needs `noise` when eta > 0: pass torch.randn_like(x_t) or a seeded draw"
-            )
+            raise ValueError("ddim_step needs `noise` when eta > 0: pass torch.randn_like(x_t) or a seeded draw")
         x_prev = x_prev + sigma * noise.to(x_t.dtype)
     return x_prev, x0_pred
 
@@ -371,9 +367,7 @@ def loss_terms(
     mode's (H+1) x (W+1)) is resized bilinearly first, as the design does.
     """
     if complexity.shape[-2:] != pred_noise.shape[-2:]:
-        complexity = F.interpolate(
-            complexity, size=pred_noise.shape[-2:], mode="bilinear", align_corners=False
-        )
+        complexity = F.interpolate(complexity, size=pred_noise.shape[-2:], mode="bilinear", align_corners=False)
     diff = pred_noise - true_noise
     dims = tuple(range(1, diff.ndim))
     squared_error = diff.square().mean(dim=dims)
@@ -439,9 +433,7 @@ def adaptive_ddim_sample(
         alpha_t = _gather(alphas, t_a, x_a)
         # Where the step lands depends on x0_pred, so form it first (ddim_step recomputes it identically).
         x0_pred = predict_x0(x_a, eps, alpha_t, clip_x0)
-        dt = adaptive_step_size(
-            complexity_score(x0_pred, complexity_mode), base_step_size, min_step, max_step
-        )
+        dt = adaptive_step_size(complexity_score(x0_pred, complexity_mode), base_step_size, min_step, max_step)
         stride = dt.round().long().clamp(min=1)
         finishing = t_a == 0
         t_prev = (t_a - stride).clamp(min=0)

@@ -87,9 +87,7 @@ class UNetConfig:
         if self.out_channels is not None and self.out_channels < 1:
             raise ValueError(f"UNetConfig.out_channels must be positive or None, got {self.out_channels}")
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
-            raise ValueError(
-                f"UNetConfig.ch_mult must be a non-empty list of positive ints, got {self.ch_mult}"
-            )
+            raise ValueError(f"UNetConfig.ch_mult must be a non-empty list of positive ints, got {self.ch_mult}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         factor = 2 ** (len(self.ch_mult) - 1)
@@ -133,9 +131,7 @@ class UNetConfig:
     @classmethod
     def ddpm_cifar10(cls, ch: int = 128) -> UNetConfig:
         """DDPM's CIFAR-10 network: 35.7M parameters at ch=128; the design's "64-dimension" model is ch=64."""
-        return cls(
-            image_size=32, ch=ch, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1
-        )
+        return cls(image_size=32, ch=ch, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

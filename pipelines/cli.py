@@ -1,10 +1,19 @@
-"""The `ddim` command line. Each pipeline stage adds its subcommand here as it lands."""
+"""The `ddim` command line: one subcommand per pipeline stage, each running that stage's Prefect flow.
+
+Every stage command reads ``params.yaml`` (or ``--params FILE``) and takes repeatable ``--set key=value``
+overrides, validated before any work starts. Errors the user can fix print one line and exit 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
+
+from tasks.config import load_params
+from tasks.errors import UserError
 
 
 def _version() -> str:
@@ -14,13 +23,55 @@ def _version() -> str:
         return "unknown"
 
 
+def _stage_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("--params", default="params.yaml", metavar="FILE", help="params file (default: params.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one param, e.g. --set data.count=500 (repeatable; the value is YAML)",
+    )
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddim", description="Train and evaluate DDIM diffusion models (DVC + Prefect + MLflow)."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _stage_parser(sub, "prepare", "download, import or synthesize the dataset (the data section)")
     return parser
+
+
+class _NoTracebackOnConsole(logging.Filter):
+    """Prefect logs a failed flow's traceback; the CLI prints the one-line error itself instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and isinstance(record.exc_info[1], UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_user_error_tracebacks() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoTracebackOnConsole())
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from pipelines.flows import prepare_flow
+
+    _quiet_user_error_tracebacks()
+    manifest = prepare_flow(params_file=args.params, overrides=args.overrides)
+    print(json.dumps({k: manifest[k] for k in ("name", "source", "count", "height", "sha256", "skipped")}))
+    return 0
+
+
+COMMANDS = {"prepare": run_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    try:
+        load_params(args.params, args.overrides)  # fail on bad params before starting any engine
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"ddim {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ddim {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -118,9 +118,7 @@ def test_q_sample_is_exact_per_sample_timestep(alphas_cumprod):
     out = q_sample(x0, t, noise, alphas_cumprod)
     for i in range(2):
         a = alphas_cumprod[t[i]].item()
-        assert out[i, 0].item() == pytest.approx(
-            math.sqrt(a) * x0[i, 0].item() + math.sqrt(1 - a) * noise[i, 0].item()
-        )
+        assert out[i, 0].item() == pytest.approx(math.sqrt(a) * x0[i, 0].item() + math.sqrt(1 - a) * noise[i, 0].item())
 
 
 # ----- timesteps
@@ -258,9 +256,7 @@ def test_ddim_eta0_with_oracle_follows_the_exact_gaussian_flow(alphas_cumprod):
     x_T = torch.randn(1000, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     a_T = alphas_cumprod[-1]
     exact = mu + s * (x_T - a_T.sqrt() * mu) / (a_T * s**2 + 1 - a_T).sqrt()
-    out = ddim_sample(
-        gaussian_oracle(alphas_cumprod, mu, s), x_T, alphas_cumprod, ddim_timesteps(T, T, "trailing")
-    )
+    out = ddim_sample(gaussian_oracle(alphas_cumprod, mu, s), x_T, alphas_cumprod, ddim_timesteps(T, T, "trailing"))
     torch.testing.assert_close(out, exact, rtol=0, atol=1e-2)
 
 
@@ -396,9 +392,7 @@ def test_design_mode_complexity_term_is_negligible_and_scaled_is_not():
 def test_adaptive_with_fixed_stride_equals_trailing_ddim(alphas_cumprod):
     model = gaussian_oracle(alphas_cumprod, mu=0.1, s=0.7)
     x_T = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out, nfe = adaptive_ddim_sample(
-        model, x_T, alphas_cumprod, base_step_size=1.0, min_step=111, max_step=111
-    )
+    out, nfe = adaptive_ddim_sample(model, x_T, alphas_cumprod, base_step_size=1.0, min_step=111, max_step=111)
     ref = ddim_sample(model, x_T, alphas_cumprod, ddim_timesteps(T, 10, "trailing"))
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     assert nfe.tolist() == [10] * 6

@@ -1,0 +1,5 @@
+"""The one exception type that means "the user can fix this": the CLI prints it as one line and exits 1."""
+
+
+class UserError(Exception):
+    """Bad input or environment, with a message that names the problem and the fix."""

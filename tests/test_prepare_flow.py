@@ -1,0 +1,91 @@
+"""The prepare stage through its Prefect flow and through the `ddim prepare` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import cli_env
+from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+from pipelines.flows import prepare_flow
+
+DDIM = str(Path(sys.executable).with_name("ddim"))
+
+
+def write_params(tmp_path: Path, **data) -> Path:
+    params = {
+        "paths": {"raw": str(tmp_path / "raw"), "prepared": str(tmp_path / "prepared")},
+        "data": {"name": "shapes", "source": "shapes", "image_size": 16, "count": 30, **data},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_prepare_flow_completes_with_a_manifest_artifact(prefect_server, tmp_path):
+    params = write_params(tmp_path)
+    state = prepare_flow(params_file=str(params), overrides=["data.count=12"], return_state=True)
+    assert state.is_completed()
+    manifest = state.result()
+    assert manifest["count"] == 12
+    assert json.loads((tmp_path / "prepared" / "shapes" / "manifest.json").read_text())["count"] == 12
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dataset-manifest"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
+        )
+    assert len(artifacts) == 1 and manifest["sha256"] in artifacts[0].data
+
+
+def test_ddim_prepare_imports_a_folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for i in range(5):
+        Image.new("RGB", (40 + i, 30), (50 * i, 100, 200)).save(tmp_path / "imgs" / f"{i}.jpg")
+    params = write_params(tmp_path, name="folder", source="folder", path=str(tmp_path / "imgs"), count=None)
+    out = subprocess.run(
+        [DDIM, "prepare", "--params", str(params), "--set", "data.image_size=24"],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["count"] == 5 and summary["height"] == 24
+    assert (tmp_path / "prepared" / "folder" / "preview.png").is_file()
+
+
+def test_ddim_prepare_errors_are_one_line_without_output(tmp_path):
+    params = write_params(tmp_path, name="bad", source="folder", path=str(tmp_path / "missing"))
+    # A config error fails before any engine starts ...
+    bad_size = subprocess.run(
+        [DDIM, "prepare", "--params", str(params), "--set", "data.image_size=20"],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        timeout=60,
+    )
+    assert bad_size.returncode == 1
+    assert bad_size.stderr.strip() == (
+        "ddim prepare: error: invalid params: data.image_size: must be a positive multiple of 8 "
+        "(e.g. 32, 64, 256), got 20"
+    )
+    # ... and an input error inside the flow ends with the same one-line form and no traceback.
+    missing = subprocess.run(
+        [DDIM, "prepare", "--params", str(params)], capture_output=True, text=True, env=cli_env(tmp_path), timeout=300
+    )
+    assert missing.returncode == 1
+    assert "Traceback" not in missing.stderr
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("ddim prepare: error:")]
+    assert errors == [
+        f"ddim prepare: error: data.path {tmp_path / 'missing'} does not exist: point it at a "
+        "directory or .zip of images"
+    ]
+    assert not (tmp_path / "prepared" / "bad").exists()
