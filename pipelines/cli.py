@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _stage_parser(sub, "prepare", "download, import or synthesize the dataset (the data section)")
+    _stage_parser(sub, "train", "train the U-Net (the model, diffusion and train sections); resumes by default")
     return parser
 
 
@@ -71,7 +72,16 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": run_prepare}
+def run_train(args: argparse.Namespace) -> int:
+    from pipelines.flows import train_flow
+
+    _quiet_user_error_tracebacks()
+    summary = train_flow(params_file=args.params, overrides=args.overrides)
+    print(json.dumps(summary))
+    return 0
+
+
+COMMANDS = {"prepare": run_prepare, "train": run_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,15 +7,19 @@ can change any param the way the CLI does. Tasks that write files opt out of Pre
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import CIFAR10_URL, DataConfig, load_params
 from tasks.data import CIFAR10_MD5, cifar10_archive_path, download, prepare_dataset
+from tasks.train import TrainingError, train
 
 
 @task(name="download-cifar10", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 60, 300])
@@ -53,3 +57,61 @@ def prepare_flow(params_file: str = "params.yaml", overrides: list[str] | None =
         key="dataset-manifest", markdown=manifest_markdown(manifest, where), description=f"prepare {data.name}"
     )
     return manifest
+
+
+def _torchrun_command(params_file: str, overrides: list[str], nproc: int) -> list[str]:
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "tasks.train",
+        "--params",
+        params_file,
+        *sets,
+    ]
+
+
+@task(name="train-model", cache_policy=NO_CACHE)
+def train_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
+    params = load_params(params_file, overrides)
+    n = params.train.nproc_per_node
+    if n == 1:
+        progress_id = create_progress_artifact(0.0, key="training-progress", description="training steps done (%)")
+
+        def report(step: int, total: int, _metrics: dict[str, float]) -> None:
+            update_progress_artifact(progress_id, 100.0 * step / total)
+
+        return train(params, progress=report)
+    # Several processes: torchrun starts one rank each; its output streams into this flow's logs.
+    logger = get_run_logger()
+    proc = subprocess.Popen(
+        _torchrun_command(params_file, overrides, n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    last_line = ""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        logger.info(line.rstrip())
+        last_line = line.strip() or last_line
+    if proc.wait() != 0:
+        raise TrainingError(f"torchrun with {n} processes failed (exit {proc.returncode}): see the log above")
+    return json.loads(last_line)
+
+
+def training_markdown(summary: dict[str, Any]) -> str:
+    keys = ["step", "resumed_from", "loss", "mse", "complexity_term", "images_per_s", "model", "mlflow_run_id"]
+    rows = [
+        f"| {k} | {summary[k]:.4g} |" if isinstance(summary.get(k), float) else f"| {k} | {summary.get(k)} |"
+        for k in keys
+    ]
+    return "\n".join(["# Training", "", "| | |", "|---|---|", *rows])
+
+
+@flow(name="train", description="Train the U-Net with the complexity-weighted loss; EMA weights to model.pt.")
+def train_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    summary = train_task(params_file, list(overrides or []))
+    create_markdown_artifact(key="training-summary", markdown=training_markdown(summary), description="train")
+    return summary

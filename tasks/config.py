@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.unet import UNetConfig
 from tasks.errors import UserError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -35,6 +36,8 @@ class PathsConfig(Section):
 
     raw: Path = Path("data/raw")  # downloads (the CIFAR-10 archive)
     prepared: Path = Path("data/prepared")  # one folder per prepared dataset, named by data.name
+    checkpoints: Path = Path("data/checkpoints")  # training checkpoints + the MLflow run id (persists)
+    train: Path = Path("results/train")  # model.pt (EMA weights), train_metrics.csv, mlflow_run_id
 
 
 class DataConfig(Section):
@@ -89,11 +92,83 @@ class DataConfig(Section):
         return self
 
 
+class ModelConfig(Section):
+    """The ``model`` section: the U-Net's shape (its image size and channels come from the data)."""
+
+    ch: int = 64
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    num_groups: int = 32
+
+    def unet_config(self, image_size: int, in_channels: int = 3) -> UNetConfig:
+        return UNetConfig(image_size=image_size, in_channels=in_channels, **self.model_dump())
+
+
+class DiffusionConfig(Section):
+    """The ``diffusion`` section: the forward process the model is trained for."""
+
+    schedule: Literal["linear", "cosine"] = "linear"
+    num_train_steps: int = Field(1000, ge=2)
+    beta_start: float = Field(1e-4, gt=0, lt=1)
+    beta_end: float = Field(0.02, gt=0, lt=1)
+
+
+class TrainConfig(Section):
+    """The ``train`` section. ``batch_size`` is per process: the global batch is batch_size x processes."""
+
+    steps: int = Field(2000, ge=1)  # optimizer steps in total
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup: int = Field(100, ge=0)  # steps of linear LR warm-up from 0
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    lambda_reg: float = Field(0.1, ge=0)  # weight of the complexity term; 0 is the plain DDPM loss
+    complexity_mode: Literal["design", "scaled"] = "scaled"
+    random_flip: bool = True
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    compile: bool = False
+    channels_last: bool = True
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: cuda, then mps, then cpu
+    num_workers: int = Field(2, ge=0)  # DataLoader worker processes per rank
+    seed: int = 0
+    deterministic: bool = False  # deterministic algorithms (bit-exact reruns; slower on GPU)
+    log_every: int = Field(50, ge=1)  # metrics to CSV/MLflow, NaN check, progress bar
+    sample_every: int = Field(500, ge=0)  # a 16-image EMA sample grid to MLflow (0: only at the end)
+    sample_steps: int = Field(50, ge=1)  # DDIM steps for those grids
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest checkpoint
+    nproc_per_node: int = Field(1, ge=1)  # > 1: `ddim train` launches torchrun with this many processes
+
+
+class TrackingConfig(Section):
+    """The ``tracking`` section: MLflow. ``uri: null`` means ``sqlite:///<current dir>/mlflow.db``."""
+
+    uri: str | None = None
+    experiment: str = "ddim"
+
+
 class Params(Section):
     """All of params.yaml. Sections a stage does not read are still validated."""
 
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        try:
+            self.model.unet_config(self.data.image_size)
+        except ValueError as e:
+            raise ValueError(f"model: {e}") from None
+        if self.diffusion.schedule == "linear" and self.diffusion.beta_start > self.diffusion.beta_end:
+            raise ValueError("diffusion: beta_start must not exceed beta_end")
+        return self
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

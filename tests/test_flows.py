@@ -1,4 +1,4 @@
-"""The prepare stage through its Prefect flow and through the `ddim prepare` command."""
+"""The stages through their Prefect flows and through the `ddim` command."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_ddim_prepare_imports_a_folder(tmp_path):
         Image.new("RGB", (40 + i, 30), (50 * i, 100, 200)).save(tmp_path / "imgs" / f"{i}.jpg")
     params = write_params(tmp_path, name="folder", source="folder", path=str(tmp_path / "imgs"), count=None)
     out = subprocess.run(
-        [DDIM, "prepare", "--params", str(params), "--set", "data.image_size=24"],
+        [DDIM, "prepare", "--params", str(params), "--set", "data.image_size=32"],
         capture_output=True,
         text=True,
         env=cli_env(tmp_path),
@@ -58,7 +58,7 @@ def test_ddim_prepare_imports_a_folder(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["count"] == 5 and summary["height"] == 24
+    assert summary["count"] == 5 and summary["height"] == 32
     assert (tmp_path / "prepared" / "folder" / "preview.png").is_file()
 
 
@@ -89,3 +89,35 @@ def test_ddim_prepare_errors_are_one_line_without_output(tmp_path):
         "directory or .zip of images"
     ]
     assert not (tmp_path / "prepared" / "bad").exists()
+
+
+def _artifact_keys(flow_run_id) -> set[str]:
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {a.key for a in artifacts}
+
+
+def test_train_flow_single_process_and_torchrun(prefect_server, tmp_path):
+    from test_train import setup_run
+
+    from pipelines.flows import train_flow
+
+    params = setup_run(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", steps=4, log_every=2, checkpoint_every=2)
+    state = train_flow(params_file=str(params), return_state=True)
+    assert state.is_completed()
+    assert state.result()["step"] == 4
+    assert {"training-summary", "training-progress"} <= _artifact_keys(state.state_details.flow_run_id)
+
+    # train.nproc_per_node > 1: the flow launches torchrun and reads rank 0's summary from its output
+    state = train_flow(
+        params_file=str(params),
+        overrides=[
+            "train.nproc_per_node=2",
+            "train.steps=6",
+            "train.batch_size=8",
+            f"paths.checkpoints={tmp_path}/ddp",
+        ],
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    assert state.result()["ranks_in_sync"] is True and state.result()["step"] == 6

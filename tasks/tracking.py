@@ -1,0 +1,159 @@
+"""MLflow: the one place that knows tracking URIs, run ids, and what is logged where.
+
+Layout in MLflow: one run per trained model (experiment ``tracking.experiment``, default ``ddim``) holding the
+flattened params, stepped training metrics, sample grids and ``model.pt``; each sampling/evaluation config
+is a child run of it. Only rank 0 of a distributed job tracks anything (others get a :class:`NullTracker`).
+
+The default store is ``sqlite:///<current dir>/mlflow.db`` with artifacts in ``<current dir>/mlartifacts``,
+absolute paths so that a stage run from another directory still finds them. ``tracking.uri`` in params.yaml,
+or else the ``MLFLOW_TRACKING_URI`` environment variable, points elsewhere (e.g. ``http://127.0.0.1:5000``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import TrackingConfig
+from tasks.images import atomic_path
+
+RUN_ID_FILE = "mlflow_run_id"
+
+# MLflow's sqlite store logs alembic migrations at INFO on every new database: keep the console for the pipeline.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    if cfg.uri:
+        return cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts beside a local sqlite database; a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"train": {"lr": 2e-4}}`` -> ``{"train.lr": "0.0002"}`` (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)
+    return out
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def read_run_id(folder: Path) -> str | None:
+    path = Path(folder) / RUN_ID_FILE
+    return path.read_text().strip() or None if path.is_file() else None
+
+
+def write_run_id(run_id: str, folder: Path) -> None:
+    with atomic_path(Path(folder) / RUN_ID_FILE) as tmp:
+        tmp.write_text(run_id + "\n")
+
+
+class NullTracker:
+    """What ranks other than 0 (and runs with tracking off) get: every call does nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class Tracker(NullTracker):
+    """One MLflow run, driven through an explicit client (no global "active run" state)."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id, self.uri = MlflowClient(tracking_uri=uri), run_id, uri
+
+    @classmethod
+    def for_training(
+        cls,
+        cfg: TrackingConfig,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        run_id_dir: Path,
+        run_name: str | None = None,
+    ) -> Tracker:
+        """Continue the run whose id is stored in ``run_id_dir``, or start one and store its id there."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(cfg)
+        client = MlflowClient(tracking_uri=uri)
+        run_id = read_run_id(run_id_dir)
+        if run_id is not None:
+            try:
+                client.get_run(run_id)
+                client.update_run(run_id, status="RUNNING")
+            except MlflowException:
+                run_id = None  # the store was reset: start a new run
+        if run_id is None:
+            experiment = client.get_experiment_by_name(cfg.experiment)
+            experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(uri))
+            )
+            run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+            write_run_id(run_id, run_id_dir)
+        tracker = cls(uri, run_id)
+        tracker.log_params(params)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        return tracker
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log flattened params; on a resumed run, a changed value is recorded as a ``param_changed.*`` tag."""
+        from mlflow.entities import Param
+
+        logged = self.client.get_run(self.run_id).data.params
+        flat = flatten(params)
+        new = [Param(k, v[:6000]) for k, v in flat.items() if k not in logged]
+        for start in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[start : start + 100])
+        for k, v in flat.items():
+            if k in logged and logged[k] != v:
+                self.client.set_tag(self.run_id, f"param_changed.{k}", v)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

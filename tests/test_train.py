@@ -1,0 +1,233 @@
+"""The train stage on CPU with tiny configs: learning, exact resume, DDP, MLflow, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tasks.config import ConfigError, load_params
+from tasks.data import prepare_dataset
+from tasks.train import TrainingError, load_model, train
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One sqlite store for the session: creating a database costs ~1.5 s of migrations."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def setup_run(tmp_path: Path, mlflow_uri: str, **train) -> Path:
+    """A params file for a tiny model on 128 shapes at 16 px, with the dataset prepared."""
+    params = {
+        "paths": {
+            "raw": str(tmp_path / "raw"),
+            "prepared": str(tmp_path / "prepared"),
+            "checkpoints": str(tmp_path / "ckpt"),
+            "train": str(tmp_path / "out"),
+        },
+        "data": {"name": "s", "source": "shapes", "image_size": 16, "count": 128},
+        "model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.1},
+        "train": {
+            "steps": 30,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "warmup": 5,
+            "log_every": 5,
+            "sample_every": 0,
+            "sample_steps": 4,
+            "checkpoint_every": 10,
+            "num_workers": 0,
+            "deterministic": True,
+            **train,
+        },
+        "tracking": {"uri": mlflow_uri, "experiment": "test"},
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    loaded = load_params(path)
+    if not (tmp_path / "prepared" / "s").exists():
+        prepare_dataset(loaded.data, loaded.paths)
+    return path
+
+
+def metrics_rows(tmp_path: Path) -> list[dict[str, str]]:
+    with open(tmp_path / "out" / "train_metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_train(params: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.train", "--params", str(params), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=params.parent,
+    )
+
+
+def test_loss_falls_and_everything_is_logged(tmp_path, mlflow_uri):
+    params = load_params(setup_run(tmp_path, mlflow_uri, steps=100, log_every=10, sample_every=50))
+    summary = train(params)
+    rows = metrics_rows(tmp_path)
+    assert [int(r["step"]) for r in rows] == list(range(10, 101, 10))
+    first, last = float(rows[0]["loss"]), sum(float(r["loss"]) for r in rows[-3:]) / 3
+    assert last < 0.5 * first, (first, last)
+    assert set(rows[0]) == {"step", "loss", "mse", "complexity_term", "lr", "grad_norm", "images_per_s"}
+
+    _, state = load_model(tmp_path / "out" / "model.pt")
+    assert state["step"] == 100 and state["model_config"]["ch"] == 32
+    assert summary["mlflow_run_id"] == (tmp_path / "out" / "mlflow_run_id").read_text().strip()
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["model.ch"] == "32"
+    assert run.data.tags["dataset.sha256"] == json.loads((tmp_path / "prepared/s/manifest.json").read_text())["sha256"]
+    assert "mlflow.source.git.commit" in run.data.tags
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(10, 101, 10))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model.pt" in artifacts
+    grids = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert grids == {"samples/step_00000050.png", "samples/step_00000100.png"}
+
+
+def test_two_runs_with_the_same_seed_are_identical(tmp_path, mlflow_uri):
+    a = train(load_params(setup_run(tmp_path / "a", mlflow_uri, steps=10)))
+    b = train(load_params(setup_run(tmp_path / "b", mlflow_uri, steps=10)))
+    assert a["weights_sha256"] == b["weights_sha256"]
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, mlflow_uri):
+    reference = run_train(setup_run(tmp_path / "ref", mlflow_uri))
+    assert reference.returncode == 0, reference.stderr
+
+    params = setup_run(tmp_path / "killed", mlflow_uri, log_every=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.train", "--params", str(params)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=params.parent,
+    )
+    ckpt = tmp_path / "killed" / "ckpt"
+    deadline = time.time() + 240
+    while not (ckpt / "ckpt-00000010.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # somewhere past step 10, before the run can finish
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_id = (ckpt / "mlflow_run_id").read_text()
+
+    resumed = run_train(params)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] in (10, 20)
+    assert summary["weights_sha256"] == json.loads(reference.stdout.strip().splitlines()[-1])["weights_sha256"]
+    assert summary["mlflow_run_id"] == run_id.strip()
+    steps = [int(r["step"]) for r in metrics_rows(tmp_path / "killed")]
+    assert steps == list(range(1, 31)), "no step logged twice, none missing"
+    ref_state = torch.load(tmp_path / "ref" / "ckpt" / "ckpt-00000030.pt", weights_only=True)
+    new_state = torch.load(ckpt / "ckpt-00000030.pt", weights_only=True)
+    for name, tensor in ref_state["model"].items():
+        assert torch.equal(tensor, new_state["model"][name]), name
+    assert sorted(p.name for p in ckpt.glob("ckpt-*.pt")) == [
+        "ckpt-00000010.pt",
+        "ckpt-00000020.pt",
+        "ckpt-00000030.pt",
+    ]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_non_zero(tmp_path, mlflow_uri):
+    params = setup_run(tmp_path, mlflow_uri, steps=100000, checkpoint_every=100000, log_every=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.train", "--params", str(params)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        csv_path = tmp_path / "out" / "train_metrics.csv"
+        if csv_path.exists() and len(csv_path.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "stopped at step" in err and "Traceback" not in err
+    saved = list((tmp_path / "ckpt").glob("ckpt-*.pt"))
+    assert len(saved) == 1
+    assert torch.load(saved[0], weights_only=True)["step"] >= 3
+
+
+def test_torchrun_two_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, mlflow_uri):
+    params = setup_run(tmp_path, mlflow_uri, steps=6, batch_size=8, log_every=3, checkpoint_every=3)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "tasks.train", "--params", str(params)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summaries = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, "only rank 0 prints, writes and tracks"
+    assert summaries[0]["ranks_in_sync"] is True and summaries[0]["step"] == 6
+    assert [int(r["step"]) for r in metrics_rows(tmp_path)] == [3, 6]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("test").experiment_id],
+        filter_string=f"tags.dataset.name = 's' and attributes.run_id = '{summaries[0]['mlflow_run_id']}'",
+    )
+    assert len(runs) == 1
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, mlflow_uri):
+    params = load_params(setup_run(tmp_path, mlflow_uri, steps=40, checkpoint_every=2, log_every=2, lr=1e30, warmup=0))
+    with pytest.raises(TrainingError, match=r"NaN or inf at step \d+"):
+        train(params)
+    for path in (tmp_path / "ckpt").glob("ckpt-*.pt"):
+        state = torch.load(path, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=-1", "train.lr: Input should be greater than 0"),
+        ("train.batch_size=0", "train.batch_size: Input should be greater than or equal to 1"),
+        ("train.precision=fp8", "train.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'"),
+        ("model.ch=48", "not divisible by num_groups=32"),
+    ],
+)
+def test_invalid_train_config_fails_before_any_work(tmp_path, mlflow_uri, override, message):
+    params = setup_run(tmp_path, mlflow_uri)
+    with pytest.raises(ConfigError, match=message):
+        load_params(params, [override])
+    out = run_train(params, "--set", override, timeout=120)
+    assert out.returncode == 1 and out.stderr.strip().startswith("ddim train: error: invalid params:")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path, mlflow_uri):
+    params = load_params(setup_run(tmp_path, mlflow_uri, batch_size=256))
+    with pytest.raises(TrainingError, match="fewer than one global batch"):
+        train(params)
