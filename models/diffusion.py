@@ -116,12 +116,15 @@ def randn(shape: Sequence[int], generator: Generators, like: torch.Tensor) -> to
     With a sequence of generators (one per sample, ``len == shape[0]``), row i is drawn from generator i
     alone, so it does not depend on how samples are batched.
     """
-    kwargs = {"device": like.device, "dtype": like.dtype}
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(tuple(shape), generator=generator, **kwargs)
+    if generator is None:
+        return torch.randn(tuple(shape), device=like.device, dtype=like.dtype)
+    if isinstance(generator, torch.Generator):
+        # Drawn where the generator lives, so a CPU generator gives the same numbers whatever `like`'s device.
+        return torch.randn(tuple(shape), generator=generator, device=generator.device).to(like)
     if len(generator) != shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per sample")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, **kwargs) for g in generator])
+    rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
+    return torch.stack(rows).to(like)
 
 
 def _select(generator: Generators, mask: torch.Tensor) -> Generators:

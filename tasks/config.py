@@ -38,6 +38,9 @@ class PathsConfig(Section):
     prepared: Path = Path("data/prepared")  # one folder per prepared dataset, named by data.name
     checkpoints: Path = Path("data/checkpoints")  # training checkpoints + the MLflow run id (persists)
     train: Path = Path("results/train")  # model.pt (EMA weights), train_metrics.csv, mlflow_run_id
+    reference: Path = Path("data/reference")  # FID reference statistics, <data.name>.npz
+    samples: Path = Path("results/samples")  # images/{index:06d}.png, grid.png, sample_stats.json
+    metrics: Path = Path("results/metrics.json")  # FID and the sampling config, for `dvc metrics show`
 
 
 class DataConfig(Section):
@@ -143,6 +146,41 @@ class TrainConfig(Section):
     nproc_per_node: int = Field(1, ge=1)  # > 1: `ddim train` launches torchrun with this many processes
 
 
+class SampleConfig(Section):
+    """The ``sample`` section: how images are generated from ``model.pt``."""
+
+    num_samples: int = Field(1000, ge=1)
+    batch_size: int = Field(100, ge=1)
+    sampler: Literal["ddim", "adaptive"] = "ddim"
+    steps: int = Field(50, ge=1)  # ddim: number of timesteps
+    eta: float = Field(0.0, ge=0)  # 0: deterministic DDIM; 1: DDPM-like
+    spacing: Literal["uniform", "quad", "trailing"] = "quad"
+    clip_x0: bool = True
+    seed: int = 0  # image i starts from the noise of seed + i, whatever the batch size
+    # adaptive sampler: stride = clamp(base_step_size / complexity(x0_pred), min_step, max_step) timesteps
+    base_step_size: float = Field(2.0, gt=0)
+    min_step: int = Field(5, ge=1)
+    max_step: int = Field(100, ge=1)
+    complexity_mode: Literal["design", "scaled"] = "scaled"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> SampleConfig:
+        if self.min_step > self.max_step:
+            raise ValueError(f"sample.min_step ({self.min_step}) must not exceed sample.max_step ({self.max_step})")
+        return self
+
+
+class EvaluateConfig(Section):
+    """The ``evaluate`` section: FID against the prepared dataset's Inception statistics."""
+
+    reference_count: int | None = None  # images of the dataset in the reference statistics (null: all)
+    batch_size: int = Field(200, ge=1)
+    num_workers: int = Field(0, ge=0)  # PNG-decoding processes
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+
+
 class TrackingConfig(Section):
     """The ``tracking`` section: MLflow. ``uri: null`` means ``sqlite:///<current dir>/mlflow.db``."""
 
@@ -158,6 +196,8 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -168,6 +208,11 @@ class Params(Section):
             raise ValueError(f"model: {e}") from None
         if self.diffusion.schedule == "linear" and self.diffusion.beta_start > self.diffusion.beta_end:
             raise ValueError("diffusion: beta_start must not exceed beta_end")
+        if self.sample.steps > self.diffusion.num_train_steps:
+            raise ValueError(
+                f"sample.steps ({self.sample.steps}) exceeds diffusion.num_train_steps "
+                f"({self.diffusion.num_train_steps})"
+            )
         return self
 
 

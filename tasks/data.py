@@ -200,12 +200,9 @@ def write_json(obj: Any, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def md5sum(path: Path) -> str:
-    h = hashlib.md5()
+def file_hash(path: Path, algorithm: str = "md5") -> str:
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def cifar10_archive_path(paths: PathsConfig) -> Path:
@@ -216,7 +213,7 @@ def verify_md5(path: Path, md5: str) -> Path:
     """Return ``path`` if its MD5 is ``md5``; otherwise raise naming the problem and the fix."""
     if not path.is_file():
         raise DataError(f"archive {path} does not exist: fix data.archive, or set it to null to download")
-    got = md5sum(path)
+    got = file_hash(path)
     if got != md5:
         raise DataError(
             f"{path} has md5 {got}, expected {md5}: it is corrupt, truncated or not {CIFAR10_ARCHIVE}; "
@@ -231,7 +228,7 @@ def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
     An existing ``dest`` with the right MD5 is reused. A failed or corrupt download leaves nothing at
     ``dest``.
     """
-    if dest.is_file() and md5sum(dest) == md5:
+    if dest.is_file() and file_hash(dest) == md5:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
@@ -247,7 +244,7 @@ def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
             raise DataError(
                 f"could not download {url} ({reason}); offline: download it elsewhere and set data.archive"
             ) from None
-        got = md5sum(tmp)
+        got = file_hash(tmp)
         if got != md5:
             raise DataError(f"download of {url} has md5 {got}, expected {md5}: it is corrupt or truncated; rerun")
     return dest

@@ -157,3 +157,37 @@ class Tracker(NullTracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+
+def log_evaluation(
+    cfg: TrackingConfig, parent_run_id: str | None, params: dict[str, Any], metrics: dict[str, Any], grid: Path
+) -> str:
+    """One finished child run of the training run: the sampling config, its FID and NFE, the sample grid."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    if parent_run_id is not None:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+    else:
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(uri))
+        )
+    s = metrics
+    name = f"{s['sampler']}-{s['steps'] or 'adaptive'}steps-eta{s['eta']}" + (
+        f"-{s['spacing']}" if s["spacing"] else ""
+    )
+    tags = {"stage": "evaluate"}
+    if parent_run_id is not None:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+    tracker = Tracker(uri, run_id)
+    tracker.log_params(params)
+    tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v is not None}, 0)
+    if Path(grid).is_file():
+        tracker.log_artifact(Path(grid))
+    tracker.finish()
+    return run_id

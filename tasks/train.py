@@ -56,6 +56,7 @@ from models.diffusion import (
 from models.unet import UNet, UNetConfig
 from tasks.config import DiffusionConfig, Params, load_params
 from tasks.data import PreparedDataset, dataset_dir, to_uint8
+from tasks.devices import autocast_dtype, pick_device
 from tasks.errors import UserError
 from tasks.images import atomic_path, make_grid
 from tasks.tracking import NullTracker, Tracker, git_commit, write_run_id
@@ -75,27 +76,6 @@ class TrainingInterruptedError(UserError):
 # ---------------------------------------------------------------------------------------------------------
 # Small pieces
 # ---------------------------------------------------------------------------------------------------------
-
-
-def pick_device(choice: str, local_rank: int = 0) -> torch.device:
-    if choice == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        choice = "mps" if torch.backends.mps.is_available() else "cpu"
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingError("train.device=cuda but no CUDA GPU is visible: use train.device=auto or cpu")
-        return torch.device("cuda", local_rank)
-    if choice == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("train.device=mps but MPS is not available: use train.device=auto or cpu")
-    return torch.device(choice)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. ``auto`` is bf16 on CUDA GPUs that support it, else fp32."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def alphas_cumprod_for(cfg: DiffusionConfig) -> torch.Tensor:
