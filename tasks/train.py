@@ -192,22 +192,51 @@ class Dist:
         )
 
 
-def _load_resume_state(params: Params, unet_config: UNetConfig) -> dict[str, Any] | None:
-    folder = Path(params.paths.checkpoints)
-    checkpoints = list_checkpoints(folder)
+# Train params that do not change what is learned: a checkpoint made under other values can be resumed.
+RESUMABLE_ACROSS = {
+    "steps",
+    "log_every",
+    "sample_every",
+    "sample_steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "resume",
+    "nproc_per_node",
+    "num_workers",
+    "device",
+    "compile",
+}
+
+
+def training_fingerprint(params: Params, dataset_sha256: str) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the model, the diffusion, the recipe and the data."""
+    recipe = {k: v for k, v in params.train.model_dump().items() if k not in RESUMABLE_ACROSS}
+    return {
+        "model": params.model.unet_config(params.data.image_size).to_dict(),
+        "diffusion": params.diffusion.model_dump(),
+        "train": recipe,
+        "dataset_sha256": dataset_sha256,
+    }
+
+
+def _load_resume_state(params: Params, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest readable checkpoint made by the same fingerprint, or None (then training starts over)."""
     if params.train.resume == "never":
         return None
-    for path in reversed(checkpoints):
+    for path in reversed(list_checkpoints(Path(params.paths.checkpoints))):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a checkpoint written by something else: say so, try the one before
+        except Exception as e:  # not a checkpoint of ours after all: say so, try the one before
             warnings.warn(f"ignoring unreadable checkpoint {path} ({e.__class__.__name__})", stacklevel=2)
             continue
-        if state["model_config"] != unet_config.to_dict() or state["diffusion"] != params.diffusion.model_dump():
-            raise TrainingError(
-                f"{path} was trained with another model or diffusion config: set paths.checkpoints to a new "
-                f"folder, delete {folder}, or set train.resume=never"
+        if state.get("fingerprint") != fingerprint:
+            changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
+            warnings.warn(
+                f"the checkpoints in {path.parent} were made with other {', '.join(changed)} settings: "
+                f"training starts over",
+                stacklevel=2,
             )
+            return None
         return state
     return None
 
@@ -278,7 +307,8 @@ def train(
     alphas_cumprod = alphas_cumprod_for(params.diffusion).to(device)
     alphas_cumprod_f32 = alphas_cumprod.float()
 
-    state = _load_resume_state(params, unet_config)
+    fingerprint = training_fingerprint(params, dataset.manifest["sha256"])
+    state = _load_resume_state(params, fingerprint)
     start_step = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -322,6 +352,7 @@ def train(
                 "step": step,
                 "model_config": unet_config.to_dict(),
                 "diffusion": params.diffusion.model_dump(),
+                "fingerprint": fingerprint,
                 "model": model.state_dict(),
                 "ema": ema.state_dict(),
                 "optimizer": optimizer.state_dict(),

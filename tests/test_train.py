@@ -231,3 +231,13 @@ def test_a_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path, mlflow_uri):
     params = load_params(setup_run(tmp_path, mlflow_uri, batch_size=256))
     with pytest.raises(TrainingError, match="fewer than one global batch"):
         train(params)
+
+
+def test_more_steps_resume_but_a_changed_recipe_starts_over(tmp_path, mlflow_uri):
+    params_file = setup_run(tmp_path, mlflow_uri, steps=10)
+    first = train(load_params(params_file))
+    longer = train(load_params(params_file, ["train.steps=20"]))
+    assert longer["resumed_from"] == 10 and longer["mlflow_run_id"] == first["mlflow_run_id"]
+    with pytest.warns(UserWarning, match="made with other train settings: training starts over"):
+        changed = train(load_params(params_file, ["train.steps=20", "train.lr=0.002"]))
+    assert changed["resumed_from"] == 0 and changed["mlflow_run_id"] != first["mlflow_run_id"]
