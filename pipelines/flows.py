@@ -8,6 +8,7 @@ can change any param the way the CLI does. Tasks that write files opt out of Pre
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
+    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -24,9 +26,15 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import CIFAR10_URL, DataConfig, Params, load_params
 from tasks.data import CIFAR10_MD5, cifar10_archive_path, download, prepare_dataset
+from tasks.errors import UserError
 from tasks.evaluate import compute_reference, evaluate_samples
 from tasks.sample import run_sampling
+from tasks.tracking import read_run_id
 from tasks.train import TrainingError, train
+
+
+class PipelineError(UserError):
+    """A pipeline command failed."""
 
 
 @task(name="download-cifar10", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 60, 300])
@@ -40,15 +48,17 @@ def prepare_task(data: DataConfig, paths: Any, archive: Path | None) -> dict[str
 
 
 def manifest_markdown(manifest: dict[str, Any], where: Path) -> str:
-    rows = [
-        ("dataset", f"`{where}`"),
-        ("source", manifest["source"] + (f" ({manifest['split']})" if manifest.get("split") else "")),
-        ("images", f"{manifest['count']:,} x {manifest['height']}x{manifest['width']}x{manifest['channels']}"),
-        ("skipped", str(manifest["skipped"])),
-        ("sha256", f"`{manifest['sha256']}`"),
-        ("preview", f"`{where / 'preview.png'}`"),
-    ]
-    return "\n".join(["# Prepared dataset", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    return _table(
+        "Prepared dataset",
+        {
+            "dataset": f"`{where}`",
+            "source": manifest["source"] + (f" ({manifest['split']})" if manifest.get("split") else ""),
+            "images": f"{manifest['count']:,} x {manifest['height']}x{manifest['width']}x{manifest['channels']}",
+            "skipped": manifest["skipped"],
+            "sha256": f"`{manifest['sha256']}`",
+            "preview": f"`{where / 'preview.png'}`",
+        },
+    )
 
 
 @flow(name="prepare", description="Download, import or synthesize the dataset into data/prepared/<name>.")
@@ -158,3 +168,62 @@ def evaluate_flow(params_file: str = "params.yaml", overrides: list[str] | None 
 def _table(title: str, values: dict[str, Any]) -> str:
     rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items()]
     return "\n".join([f"# {title}", "", "| | |", "|---|---|", *rows])
+
+
+def _venv_env() -> dict[str, str]:
+    """The environment for DVC and its stage commands: this interpreter's bin folder first on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def _stream(cmd: list[str]) -> None:
+    """Run ``cmd``, sending each output line to the flow's log; raise if it fails."""
+    logger = get_run_logger()
+    logger.info("$ %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_venv_env())
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip():
+            logger.info(line.rstrip())
+    if proc.wait() != 0:
+        raise PipelineError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}: see the log above")
+
+
+def dvc_command(targets: list[str], force: bool, overrides: list[str]) -> list[str]:
+    """``dvc repro``; with param overrides, ``dvc exp run -S key=value`` (recorded as a DVC experiment)."""
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    sets = [arg for o in overrides for arg in ("-S", o)]
+    cmd = [dvc, "exp", "run", *sets] if overrides else [dvc, "repro"]
+    return cmd + (["--force"] if force else []) + list(targets)
+
+
+@flow(name="ddim-pipeline", description="Run the DVC pipeline (only what changed), then publish its metrics.")
+def pipeline_flow(
+    targets: list[str] | None = None,
+    force: bool = False,
+    overrides: list[str] | None = None,
+    params_file: str = "params.yaml",
+    mlflow_ui: str = "http://127.0.0.1:5000",
+) -> dict[str, Any]:
+    _stream(dvc_command(list(targets or []), force, list(overrides or [])))
+    shown = subprocess.run(
+        [str(Path(sys.executable).with_name("dvc")), "metrics", "show", "--json"],
+        capture_output=True,
+        text=True,
+        env=_venv_env(),
+        check=True,
+    )
+    metrics = json.loads(shown.stdout or "{}")
+    rows = [
+        {"file": name, **values}
+        for workspace in metrics.values()
+        for name, entry in workspace.get("data", {}).items()
+        for values in [entry.get("data", {})]
+    ]
+    if rows:
+        create_table_artifact(key="dvc-metrics", table=rows, description="dvc metrics show")
+    params = load_params(params_file)
+    run_id = read_run_id(Path(params.paths.train))
+    if run_id:
+        create_link_artifact(key="mlflow-run", link=f"{mlflow_ui}/#/runs/{run_id}", link_text=f"MLflow run {run_id}")
+    return {"metrics": rows, "mlflow_run_id": run_id}

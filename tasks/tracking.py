@@ -16,12 +16,15 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tasks.config import TrackingConfig
 from tasks.images import atomic_path
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -191,3 +194,50 @@ def log_evaluation(
         tracker.log_artifact(Path(grid))
     tracker.finish()
     return run_id
+
+
+def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
+    """One row per (training run, sampling config): the params that differ between training runs, the final
+    loss, and each child run's FID, NFE and sampling settings; sorted by FID (runs without one last)."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        return pd.DataFrame()
+    runs = client.search_runs([experiment.experiment_id], max_results=10_000)
+    parents = [r for r in runs if r.data.tags.get("stage") == "train"]
+    children = [r for r in runs if r.data.tags.get("stage") == "evaluate"]
+    varying = sorted(
+        k
+        for k in {k for r in parents for k in r.data.params}
+        if len({r.data.params.get(k) for r in parents}) > 1 and not k.startswith("paths.")
+    )
+    rows = []
+    for parent in parents:
+        base = {
+            "train_run": parent.info.run_id[:8],
+            "status": parent.info.status,
+            "final_loss": parent.data.metrics.get("loss"),
+            **{k: parent.data.params.get(k) for k in varying},
+        }
+        mine = [c for c in children if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        for child in mine or [None]:
+            row = dict(base)
+            if child is not None:
+                p = child.data.params
+                row.update(
+                    sampler=p.get("sample.sampler"),
+                    steps=p.get("sample.steps"),
+                    eta=p.get("sample.eta"),
+                    spacing=p.get("sample.spacing"),
+                    num_samples=child.data.metrics.get("num_samples"),
+                    nfe=child.data.metrics.get("nfe"),
+                    fid=child.data.metrics.get("fid"),
+                )
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    if "fid" in table:
+        table = table.sort_values("fid", na_position="last", kind="stable").reset_index(drop=True)
+    return table
