@@ -241,3 +241,9 @@ def test_more_steps_resume_but_a_changed_recipe_starts_over(tmp_path, mlflow_uri
     with pytest.warns(UserWarning, match="made with other train settings: training starts over"):
         changed = train(load_params(params_file, ["train.steps=20", "train.lr=0.002"]))
     assert changed["resumed_from"] == 0 and changed["mlflow_run_id"] != first["mlflow_run_id"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(tmp_path, mlflow_uri, precision):
+    summary = train(load_params(setup_run(tmp_path, mlflow_uri, steps=3, log_every=1, precision=precision)))
+    assert summary["step"] == 3 and 0 < summary["loss"] < 10
