@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.config import Params
-from tasks.data import PreparedDataset, dataset_dir
+from tasks.data import PreparedDataset, dataset_dir, write_json
 from tasks.devices import pick_device
 from tasks.errors import UserError
 from tasks.images import atomic_path
@@ -37,7 +37,7 @@ from tasks.tracking import log_evaluation, read_run_id
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 DIMS = 2048
-PNG_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid's list
+FID_IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid's list
 FIX_WEIGHTS = "run `ddim fid-weights` (make setup does) to install them offline"
 
 
@@ -199,7 +199,7 @@ class UInt8Images(Dataset):
 
 
 def list_images(folder: Path) -> list[Path]:
-    files = sorted(p for ext in PNG_EXTENSIONS for p in Path(folder).glob(f"*.{ext}"))
+    files = sorted(p for ext in FID_IMAGE_EXTENSIONS for p in Path(folder).glob(f"*.{ext}"))
     if not files:
         raise EvaluationError(f"no images in {folder}")
     return files
@@ -290,11 +290,6 @@ def fid_between(
     return {"fid": frechet_distance(mu1, s1, mu2, s2), "count_1": n1, "count_2": n2}
 
 
-def write_metrics(metrics: dict[str, Any], path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The reference and evaluate stages
 # ---------------------------------------------------------------------------------------------------------
@@ -347,7 +342,7 @@ def evaluate_samples(params: Params) -> dict[str, Any]:
         "nfe": sample_stats["nfe_mean"],
         "reference_count": ref_count,
     }
-    write_metrics(metrics, Path(params.paths.metrics))
+    write_json(metrics, Path(params.paths.metrics))
     parent = read_run_id(Path(params.paths.train))
     run_id = log_evaluation(
         params.tracking, parent, {"sample": params.sample.model_dump(mode="json")}, metrics, samples / "grid.png"
