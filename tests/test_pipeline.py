@@ -118,3 +118,24 @@ def test_pipeline_flow_publishes_metrics(prefect_server, repo, monkeypatch):
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         )
     assert {"dvc-metrics", "mlflow-run"} <= {a.key for a in artifacts}
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml")))
+def test_every_profile_is_valid(profile):
+    from tasks.config import load_params
+
+    params = load_params(ROOT / "profiles" / f"{profile}.yaml")
+    params.model.unet_config(params.data.image_size)
+
+
+def test_switching_profile_is_one_command_that_dvc_params_diff_shows(repo):
+    # Last in this module: it leaves the shared repository on another profile.
+    path, env = repo
+    ddim = [str(BIN / "ddim"), "profile", "--profiles", str(ROOT / "profiles")]
+    out = subprocess.run([*ddim, "no-such"], cwd=path, env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and "choose one of celebahq, cifar10, cifar10-ch64, demo" in out.stderr
+    run([*ddim, "cifar10-ch64"], path, env)
+    assert (path / "params.yaml").read_text() == (ROOT / "profiles" / "cifar10-ch64.yaml").read_text()
+    diff = json.loads(run([str(BIN / "dvc"), "params", "diff", "--json"], path, env).stdout)["params.yaml"]
+    assert (diff["model.ch"]["old"], diff["model.ch"]["new"]) == (32, 64)
+    assert (diff["data.source"]["old"], diff["data.source"]["new"]) == ("shapes", "cifar10")
