@@ -47,6 +47,14 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (artifacts beside a local store) if it does not exist yet."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=_artifact_location(uri))
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """``{"train": {"lr": 2e-4}}`` -> ``{"train.lr": "0.0002"}`` (MLflow params are strings)."""
     out: dict[str, str] = {}
@@ -119,13 +127,9 @@ class Tracker(NullTracker):
             except MlflowException:
                 run_id = None  # the store was reset: start a new run
         if run_id is None:
-            experiment = client.get_experiment_by_name(cfg.experiment)
-            experiment_id = (
-                experiment.experiment_id
-                if experiment
-                else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(uri))
-            )
-            run_id = client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+            run_id = client.create_run(
+                _experiment_id(client, cfg.experiment, uri), tags=tags, run_name=run_name
+            ).info.run_id
             write_run_id(run_id, run_id_dir)
         tracker = cls(uri, run_id)
         tracker.log_params(params)
@@ -173,12 +177,7 @@ def log_evaluation(
     if parent_run_id is not None:
         experiment_id = client.get_run(parent_run_id).info.experiment_id
     else:
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(uri))
-        )
+        experiment_id = _experiment_id(client, cfg.experiment, uri)
     s = metrics
     name = f"{s['sampler']}-{s['steps'] or 'adaptive'}steps-eta{s['eta']}" + (
         f"-{s['spacing']}" if s["spacing"] else ""

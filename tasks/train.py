@@ -372,6 +372,15 @@ def train(
     sums = torch.zeros(3, device=device)  # loss, mse, complexity term, summed between log steps
     grad_norm = torch.zeros((), device=device)
     bad_step = torch.full((), -1, dtype=torch.long, device=device)
+
+    def stop_if_nonfinite() -> None:
+        """Raise if any step so far had a NaN/inf loss (a host sync: only at log and checkpoint steps)."""
+        if bad_step.item() >= 0:
+            raise TrainingError(
+                f"the loss became NaN or inf at step {bad_step.item() + 1}; the last good checkpoint in "
+                f"{ckpt_dir} is kept: lower train.lr or use train.precision=fp32"
+            )
+
     last = {"loss": float("nan")}
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
@@ -436,11 +445,7 @@ def train(
                             dist.all_reduce(sums)
                             dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
                             sums /= dist_info.world_size
-                        if bad_step.item() >= 0:
-                            raise TrainingError(
-                                f"the loss became NaN or inf at step {bad_step.item() + 1}; the last good "
-                                f"checkpoint in {ckpt_dir} is kept: lower train.lr or use train.precision=fp32"
-                            )
+                        stop_if_nonfinite()
                         elapsed = time.perf_counter() - window_start
                         values = (sums / window_steps).tolist()
                         last = {
@@ -471,8 +476,7 @@ def train(
                         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                         stop = bool(flag.item())
                     if step % cfg.checkpoint_every == 0 or step == end_step or (stop and (at_log or not distributed)):
-                        if bad_step.item() >= 0:
-                            raise TrainingError(f"the loss became NaN or inf at step {bad_step.item() + 1}")
+                        stop_if_nonfinite()  # never checkpoint weights that a NaN has reached
                         checkpoint(step)
                     if stop and (at_log or not distributed):
                         status = "KILLED"
