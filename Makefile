@@ -71,10 +71,17 @@ ui: setup
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "logs in $(UI)/; stop both with: make ui-stop"
 
+# Each server is the leader of its own process group (setsid): stop the whole group, wait up to 15 s for it
+# to exit, then kill what is left.
 ui-stop:
 	@for name in prefect mlflow; do \
 	  if [ -f $(UI)/$$name.pid ]; then \
-	    pid=$$(cat $(UI)/$$name.pid); kill -- -$$pid 2>/dev/null && echo "stopped $$name ($$pid)"; rm -f $(UI)/$$name.pid; \
+	    pid=$$(cat $(UI)/$$name.pid); \
+	    if kill -- -$$pid 2>/dev/null; then \
+	      for i in $$(seq 30); do kill -0 -$$pid 2>/dev/null || break; sleep 0.5; done; \
+	      kill -9 -$$pid 2>/dev/null; echo "stopped $$name ($$pid)"; \
+	    fi; \
+	    rm -f $(UI)/$$name.pid; \
 	  fi; \
 	done
 

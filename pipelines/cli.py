@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    # The pipeline runs offline: no usage telemetry from Prefect's temporary server (set it to true to allow).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         if args.command in STAGES or (args.command == "evaluate" and not args.paths):
             load_params(args.params, args.overrides)  # fail on bad params before starting any engine

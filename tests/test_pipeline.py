@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["models", "tasks", "pipelines", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = [
+    "models",
+    "tasks",
+    "pipelines",
+    "dvc.yaml",
+    "params.yaml",
+    "prefect.yaml",
+    "Makefile",
+    "pyproject.toml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+]
 
 MICRO = {
     "data": {"count": 64, "image_size": 16},
@@ -39,7 +59,8 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) ->
 
 
 def ran_stages(output: str) -> list[str]:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
+    """The stages DVC ran, in order, from its output (also when streamed into a flow's log lines)."""
+    return re.findall(r"Running stage '([^']+)'", output)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +73,9 @@ def repo(tmp_path_factory):
         if src.is_dir():
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
         else:
-            shutil.copy(src, dst)
+            shutil.copy2(src, dst)  # keeps mtimes: the venv's install stamp stays newer than pyproject.toml
+    # `make` targets use the project's own venv (installed already: `make test` ran `make setup`).
+    (repo / ".venv").symlink_to(BIN.parent)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in MICRO.items():
         params[section].update(values)
@@ -63,26 +86,33 @@ def repo(tmp_path_factory):
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PREFECT_HOME": str(repo / ".prefect-home"),
         "PYTHONPATH": str(repo),
+        "PWD": str(repo),
         "GIT_AUTHOR_NAME": "test",
         "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test",
         "GIT_COMMITTER_EMAIL": "test@example.com",
     }
     env.pop("PREFECT_API_URL", None)
-    (repo / ".gitignore").write_text((repo / ".gitignore").read_text() + "/.prefect-home/\n")
+    (repo / ".gitignore").write_text((repo / ".gitignore").read_text() + "/.prefect-home/\n/.venv\n")
     run(["git", "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "micro"], repo, env)
     return repo, env
 
 
-def test_dvc_repro_runs_everything_then_only_what_changed(repo):
+def test_make_demo_runs_everything_then_only_what_changed(repo):
     path, env = repo
-    first = run([str(BIN / "dvc"), "repro"], path, env)
+    first = run(["make", "demo"], path, env)
     assert ran_stages(first.stdout) == ["prepare", "reference", "train", "sample", "evaluate"]
+    report = first.stdout[first.stdout.index("FID ") :]
+    assert "biased" in report and "results/samples/grid.png" in report and "make ui" in report
+    run_id = (path / "results" / "train" / "mlflow_run_id").read_text().strip()
+    assert f"MLflow run:     {run_id}" in report
     status = run([str(BIN / "dvc"), "status"], path, env)
     assert "up to date" in status.stdout
 
+    again = run(["make", "demo"], path, env)
+    assert ran_stages(again.stdout) == [] and "FID " in again.stdout
     again = run([str(BIN / "dvc"), "repro"], path, env)
     assert ran_stages(again.stdout) == []
 
@@ -96,28 +126,173 @@ def test_dvc_repro_runs_everything_then_only_what_changed(repo):
     changed = run([str(BIN / "dvc"), "repro"], path, env)
     assert ran_stages(changed.stdout) == ["sample", "evaluate"]
 
-    table = run([str(BIN / "ddim"), "runs", "--csv", "-"], path, env).stdout.strip().splitlines()
+    assert "fid" in run([str(BIN / "ddim"), "runs"], path, env).stdout
+    run([str(BIN / "ddim"), "runs", "--csv", "runs.csv"], path, env)
+    table = (path / "runs.csv").read_text().strip().splitlines()
     assert len(table) == 3, "a header, then one row per sampling config of the one trained model"
     assert "fid" in table[0].split(",")
 
 
-def test_pipeline_flow_publishes_metrics(prefect_server, repo, monkeypatch):
+def _latest_pipeline_run_artifacts() -> set[str]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
 
-    from pipelines.flows import pipeline_flow
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["ddim-pipeline"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+        assert latest.state.is_completed(), latest.state
+        artifacts = client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[latest.id])))
+    return {a.key for a in artifacts}
+
+
+def test_ddim_pipeline_publishes_metrics_and_runs_experiments(prefect_server, repo):
+    from prefect.settings import PREFECT_API_URL
 
     path, env = repo
-    monkeypatch.chdir(path)
-    monkeypatch.setenv("PATH", env["PATH"])
-    state = pipeline_flow(return_state=True)
-    assert state.is_completed(), state.message
-    assert state.result()["metrics"][0]["fid"] > 0
+    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    out = run([str(BIN / "ddim"), "pipeline"], path, env)
+    assert json.loads(out.stdout.splitlines()[-1])["metrics"][0]["fid"] > 0
+    assert {"dvc-metrics", "mlflow-run"} <= _latest_pipeline_run_artifacts()
+
+    # With --set it is a DVC experiment: only the stages that read the changed param rerun.
+    out = run([str(BIN / "ddim"), "pipeline", "--set", "sample.eta=0.0"], path, env)
+    assert ran_stages(out.stdout + out.stderr) == ["sample", "evaluate"]
+    assert json.loads(out.stdout.splitlines()[-1])["metrics"][0]["eta"] == 0.0
+    assert {"dvc-metrics", "mlflow-run"} <= _latest_pipeline_run_artifacts()
+
+
+def _flow_runs_of(deployment_name: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
-    assert {"dvc-metrics", "mlflow-run"} <= {a.key for a in artifacts}
+        deployment = client.read_deployment_by_name(deployment_name)
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+    return deployment, runs
+
+
+def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server, repo):
+    from prefect.settings import PREFECT_API_URL
+
+    path, env = repo
+    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    prefect = str(BIN / "prefect")
+    run([prefect, "work-pool", "create", "ddim-process", "--type", "process"], path, env)
+    run([prefect, "--no-prompt", "deploy", "--all"], path, env)
+    deployment, _ = _flow_runs_of("ddim-pipeline/nightly")
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    workdir = {"prefect.deployments.steps.set_working_directory": {"directory": str(path.resolve())}}
+    assert deployment.pull_steps == [workdir], "flow runs must run in the directory deployed from"
+
+    run([prefect, "deployment", "run", "ddim-pipeline/nightly"], path, env)
+    run([prefect, "worker", "start", "--pool", "ddim-process", "--run-once"], path, env, timeout=600)
+    _, runs = _flow_runs_of("ddim-pipeline/nightly")
+    finished = [r for r in runs if r.state and r.state.is_final()]
+    assert len(finished) == 1 and finished[0].state.is_completed(), finished
+
+
+def test_ddim_serve_runs_a_triggered_flow_run(prefect_server, repo):
+    from prefect.settings import PREFECT_API_URL
+
+    path, env = repo
+    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    serve = subprocess.Popen(
+        [str(BIN / "ddim"), "serve", "--cron", "0 3 * * *"],
+        cwd=path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the serve process registers its deployment first
+            try:
+                _flow_runs_of("ddim-pipeline/ddim-pipeline-served")
+                break
+            except Exception:
+                assert serve.poll() is None and time.monotonic() < deadline, "ddim serve did not register"
+                time.sleep(1)
+        run([str(BIN / "prefect"), "deployment", "run", "ddim-pipeline/ddim-pipeline-served"], path, env)
+        deadline = time.monotonic() + 300
+        while True:
+            deployment, runs = _flow_runs_of("ddim-pipeline/ddim-pipeline-served")
+            finished = [r for r in runs if r.state and r.state.is_final()]
+            if finished:
+                break
+            assert time.monotonic() < deadline, [r.state for r in runs]
+            time.sleep(2)
+        assert finished[0].state.is_completed(), finished[0].state
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    finally:
+        os.killpg(serve.pid, signal.SIGTERM)
+        serve.wait(timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"{url} did not answer in {seconds} s"
+        time.sleep(1)
+
+
+def test_make_ui_starts_both_servers_and_ui_stop_ends_exactly_them(repo):
+    path, env = repo
+    ports = [f"PREFECT_PORT={_free_port()}", f"MLFLOW_PORT={_free_port()}"]
+    started = run(["make", "ui", *ports], path, env)
+    pids = {name: int((path / ".ui" / f"{name}.pid").read_text()) for name in ("prefect", "mlflow")}
+    try:
+        prefect_url, mlflow_url = (line.split()[2] for line in started.stdout.splitlines()[:2])
+        assert prefect_url.startswith("http://127.0.0.1:") and mlflow_url.startswith("http://127.0.0.1:")
+        _wait_for(f"{prefect_url}/api/health", 120)
+        _wait_for(f"{mlflow_url}/health", 120)
+        assert "already running" in run(["make", "ui", *ports], path, env).stdout
+    finally:
+        stopped = run(["make", "ui-stop"], path, env)
+    assert all(f"stopped {name} ({pid})" in stopped.stdout for name, pid in pids.items())
+    for pid in pids.values():  # each was a process group leader: nothing of it is left
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+    assert not list((path / ".ui").glob("*.pid"))
+
+
+def test_ddim_pipeline_imports_a_zip_of_images(prefect_server, repo, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    path, env = repo
+    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    archive = tmp_path / "faces.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(20):
+            buffer = io.BytesIO()
+            Image.new("RGB", (48, 40), (10 * i, 120, 200)).save(buffer, format="JPEG")
+            zf.writestr(f"faces/{i:05d}.jpg", buffer.getvalue())
+    saved = {name: (path / name).read_text() for name in ("params.yaml", "dvc.lock")}
+    try:
+        sets = ["data.source=folder", f"data.path={archive}", "data.name=faces"]
+        out = run([str(BIN / "ddim"), "pipeline", *(a for s in sets for a in ("--set", s)), "prepare"], path, env)
+        assert ran_stages(out.stdout + out.stderr) == ["prepare"]
+        manifest = json.loads((path / "data" / "prepared" / "faces" / "manifest.json").read_text())
+        assert manifest["count"] == 20 and manifest["height"] == 16
+    finally:
+        for name, text in saved.items():
+            (path / name).write_text(text)
 
 
 @pytest.mark.parametrize("profile", sorted(p.stem for p in (ROOT / "profiles").glob("*.yaml")))
@@ -134,8 +309,8 @@ def test_switching_profile_is_one_command_that_dvc_params_diff_shows(repo):
     ddim = [str(BIN / "ddim"), "profile", "--profiles", str(ROOT / "profiles")]
     out = subprocess.run([*ddim, "no-such"], cwd=path, env=env, capture_output=True, text=True)
     assert out.returncode == 1 and "choose one of celebahq, cifar10, cifar10-ch64, demo" in out.stderr
-    run([*ddim, "cifar10-ch64"], path, env)
-    assert (path / "params.yaml").read_text() == (ROOT / "profiles" / "cifar10-ch64.yaml").read_text()
+    run([*ddim, "cifar10"], path, env)
+    assert (path / "params.yaml").read_text() == (ROOT / "profiles" / "cifar10.yaml").read_text()
     diff = json.loads(run([str(BIN / "dvc"), "params", "diff", "--json"], path, env).stdout)["params.yaml"]
-    assert (diff["model.ch"]["old"], diff["model.ch"]["new"]) == (32, 64)
+    assert (diff["model.ch"]["old"], diff["model.ch"]["new"]) == (32, 128)
     assert (diff["data.source"]["old"], diff["data.source"]["new"]) == ("shapes", "cifar10")
