@@ -258,7 +258,9 @@ def test_make_ui_starts_both_servers_and_ui_stop_ends_exactly_them(repo):
     started = run(["make", "ui", *ports], path, env)
     pids = {name: int((path / ".ui" / f"{name}.pid").read_text()) for name in ("prefect", "mlflow")}
     try:
-        prefect_url, mlflow_url = (line.split()[2] for line in started.stdout.splitlines()[:2])
+        # (make prints "Entering directory" lines too when the tests themselves run under `make test`)
+        prefect_url = re.search(r"^Prefect UI: (\S+)", started.stdout, re.MULTILINE).group(1)
+        mlflow_url = re.search(r"^MLflow UI: +(\S+)", started.stdout, re.MULTILINE).group(1)
         assert prefect_url.startswith("http://127.0.0.1:") and mlflow_url.startswith("http://127.0.0.1:")
         _wait_for(f"{prefect_url}/api/health", 120)
         _wait_for(f"{mlflow_url}/health", 120)
