@@ -162,7 +162,7 @@ def run_runs(args: argparse.Namespace) -> int:
         import pandas as pd
 
         with pd.option_context("display.max_columns", None, "display.width", 200):
-            print(table.to_string(index=False))
+            print(table.to_string(index=False, na_rep=""))  # blank: does not apply to that sampler
     if args.csv:
         table.to_csv(args.csv, index=False)
     return 0

@@ -195,9 +195,31 @@ def log_evaluation(
     return run_id
 
 
+COUNTS = ("num_samples", "reference_count")  # an FID is comparable only with FIDs at the same counts
+
+
+def _sampling_row(child: Any) -> dict[str, Any]:
+    """A child run's sampling config and results; settings that do not apply to its sampler stay empty."""
+    p, m = child.data.params, child.data.metrics
+    ddim = p.get("sample.sampler") == "ddim"
+    return {
+        "sampler": p.get("sample.sampler"),
+        "steps": p.get("sample.steps") if ddim else None,
+        "spacing": p.get("sample.spacing") if ddim else None,
+        "base_step": None if ddim else p.get("sample.base_step_size"),
+        "eta": p.get("sample.eta"),
+        **{k: int(m[k]) if m.get(k) is not None else None for k in COUNTS},
+        "nfe": m.get("nfe"),
+        "fid": m.get("fid"),
+    }
+
+
 def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
     """One row per (training run, sampling config): the params that differ between training runs, the final
-    loss, and each child run's FID, NFE and sampling settings; sorted by FID (runs without one last)."""
+    loss, and each child run's sampling settings, FID and NFE; sorted by FID (runs without one last).
+
+    An evaluation repeated with the same sampling params and image counts shows once, with its newest FID.
+    """
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
@@ -207,7 +229,9 @@ def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
         return pd.DataFrame()
     runs = client.search_runs([experiment.experiment_id], max_results=10_000)
     parents = [r for r in runs if r.data.tags.get("stage") == "train"]
-    children = [r for r in runs if r.data.tags.get("stage") == "evaluate"]
+    children = sorted(
+        (r for r in runs if r.data.tags.get("stage") == "evaluate"), key=lambda r: r.info.start_time, reverse=True
+    )
     varying = sorted(
         k
         for k in {k for r in parents for k in r.data.params}
@@ -222,20 +246,14 @@ def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
             **{k: parent.data.params.get(k) for k in varying},
         }
         mine = [c for c in children if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-        for child in mine or [None]:
-            row = dict(base)
-            if child is not None:
-                p = child.data.params
-                row.update(
-                    sampler=p.get("sample.sampler"),
-                    steps=p.get("sample.steps"),
-                    eta=p.get("sample.eta"),
-                    spacing=p.get("sample.spacing"),
-                    num_samples=child.data.metrics.get("num_samples"),
-                    nfe=child.data.metrics.get("nfe"),
-                    fid=child.data.metrics.get("fid"),
-                )
-            rows.append(row)
+        seen = set()
+        for child in mine:  # newest first
+            key = (tuple(sorted(child.data.params.items())), *(child.data.metrics.get(k) for k in COUNTS))
+            if key not in seen:
+                seen.add(key)
+                rows.append({**base, **_sampling_row(child)})
+        if not mine:
+            rows.append(base)
     table = pd.DataFrame(rows)
     if "fid" in table:
         table = table.sort_values("fid", na_position="last", kind="stable").reset_index(drop=True)

@@ -247,3 +247,35 @@ def test_more_steps_resume_but_a_changed_recipe_starts_over(tmp_path, mlflow_uri
 def test_mixed_precision_trains_on_cpu(tmp_path, mlflow_uri, precision):
     summary = train(load_params(setup_run(tmp_path, mlflow_uri, steps=3, log_every=1, precision=precision)))
     assert summary["step"] == 3 and 0 < summary["loss"] < 10
+
+
+def test_ddim_runs_table_keeps_the_newest_repeat_and_blanks_settings_of_other_samplers(tmp_path):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from tasks.config import TrackingConfig
+    from tasks.tracking import compare_runs, log_evaluation
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="compare")
+    client = MlflowClient(tracking_uri=cfg.uri)
+    experiment_id = client.create_experiment("compare")
+    parent = client.create_run(experiment_id, tags={"stage": "train"}).info.run_id
+    client.log_metric(parent, "loss", 0.05)
+
+    def evaluate(sampler: str, fid: float) -> None:
+        sample = {"sampler": sampler, "steps": 50, "spacing": "quad", "base_step_size": 2.0, "eta": 1.0}
+        ddim = sampler == "ddim"
+        metrics = {"fid": fid, "num_samples": 8, "sampler": sampler, "steps": 50 if ddim else None, "eta": 1.0}
+        metrics |= {"spacing": "quad" if ddim else None, "nfe": 49.0, "reference_count": 16}
+        log_evaluation(cfg, parent, {"sample": sample}, metrics, tmp_path / "no-grid.png")
+        time.sleep(0.01)  # distinct start times
+
+    evaluate("ddim", 90.0)
+    evaluate("ddim", 80.0)  # the same evaluation again: only this newest one is shown
+    evaluate("adaptive", 85.0)
+    table = compare_runs(cfg)
+    assert table["fid"].tolist() == [80.0, 85.0]
+    adaptive = table.iloc[1]
+    assert adaptive["sampler"] == "adaptive" and adaptive["base_step"] == "2.0"
+    assert pd.isna(adaptive["steps"]) and pd.isna(adaptive["spacing"])
+    assert table.iloc[0]["steps"] == "50" and pd.isna(table.iloc[0]["base_step"])
