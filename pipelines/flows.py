@@ -189,9 +189,14 @@ def _stream(cmd: list[str]) -> None:
         raise PipelineError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}: see the log above")
 
 
+def _dvc() -> str:
+    """The dvc executable installed beside this interpreter."""
+    return str(Path(sys.executable).with_name("dvc"))
+
+
 def dvc_command(targets: list[str], force: bool, overrides: list[str]) -> list[str]:
     """``dvc repro``; with param overrides, ``dvc exp run -S key=value`` (recorded as a DVC experiment)."""
-    dvc = str(Path(sys.executable).with_name("dvc"))
+    dvc = _dvc()
     sets = [arg for o in overrides for arg in ("-S", o)]
     cmd = [dvc, "exp", "run", *sets] if overrides else [dvc, "repro"]
     return cmd + (["--force"] if force else []) + list(targets)
@@ -207,7 +212,7 @@ def pipeline_flow(
 ) -> dict[str, Any]:
     _stream(dvc_command(list(targets or []), force, list(overrides or [])))
     shown = subprocess.run(
-        [str(Path(sys.executable).with_name("dvc")), "metrics", "show", "--json"],
+        [_dvc(), "metrics", "show", "--json"],
         capture_output=True,
         text=True,
         env=_venv_env(),

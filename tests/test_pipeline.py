@@ -15,6 +15,7 @@ import time
 import urllib.request
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -100,6 +101,15 @@ def repo(tmp_path_factory):
     return repo, env
 
 
+@pytest.fixture
+def served_repo(prefect_server, repo):
+    """The micro repository, with PREFECT_API_URL pointing its commands at the session's test server."""
+    from prefect.settings import PREFECT_API_URL
+
+    path, env = repo
+    return path, {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 def test_make_demo_runs_everything_then_only_what_changed(repo):
     path, env = repo
     first = run(["make", "demo"], path, env)
@@ -149,11 +159,8 @@ def _latest_pipeline_run_artifacts() -> set[str]:
     return {a.key for a in artifacts}
 
 
-def test_ddim_pipeline_publishes_metrics_and_runs_experiments(prefect_server, repo):
-    from prefect.settings import PREFECT_API_URL
-
-    path, env = repo
-    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+def test_ddim_pipeline_publishes_metrics_and_runs_experiments(served_repo):
+    path, env = served_repo
     out = run([str(BIN / "ddim"), "pipeline"], path, env)
     assert json.loads(out.stdout.splitlines()[-1])["metrics"][0]["fid"] > 0
     assert {"dvc-metrics", "mlflow-run"} <= _latest_pipeline_run_artifacts()
@@ -165,7 +172,7 @@ def test_ddim_pipeline_publishes_metrics_and_runs_experiments(prefect_server, re
     assert {"dvc-metrics", "mlflow-run"} <= _latest_pipeline_run_artifacts()
 
 
-def _flow_runs_of(deployment_name: str) -> list:
+def _flow_runs_of(deployment_name: str) -> tuple[Any, list]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
@@ -175,11 +182,8 @@ def _flow_runs_of(deployment_name: str) -> list:
     return deployment, runs
 
 
-def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server, repo):
-    from prefect.settings import PREFECT_API_URL
-
-    path, env = repo
-    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+def test_prefect_yaml_deploys_and_a_worker_runs_it(served_repo):
+    path, env = served_repo
     prefect = str(BIN / "prefect")
     run([prefect, "work-pool", "create", "ddim-process", "--type", "process"], path, env)
     run([prefect, "--no-prompt", "deploy", "--all"], path, env)
@@ -195,11 +199,8 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server, repo):
     assert len(finished) == 1 and finished[0].state.is_completed(), finished
 
 
-def test_ddim_serve_runs_a_triggered_flow_run(prefect_server, repo):
-    from prefect.settings import PREFECT_API_URL
-
-    path, env = repo
-    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+def test_ddim_serve_runs_a_triggered_flow_run(served_repo):
+    path, env = served_repo
     serve = subprocess.Popen(
         [str(BIN / "ddim"), "serve", "--cron", "0 3 * * *"],
         cwd=path,
@@ -274,11 +275,8 @@ def test_make_ui_starts_both_servers_and_ui_stop_ends_exactly_them(repo):
     assert not list((path / ".ui").glob("*.pid"))
 
 
-def test_ddim_pipeline_imports_a_zip_of_images(prefect_server, repo, tmp_path):
-    from prefect.settings import PREFECT_API_URL
-
-    path, env = repo
-    env = {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
+def test_ddim_pipeline_imports_a_zip_of_images(served_repo, tmp_path):
+    path, env = served_repo
     archive = tmp_path / "faces.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for i in range(20):
