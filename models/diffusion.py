@@ -45,6 +45,7 @@ __all__ = [
     "predict_x0",
     "q_sample",
     "randn",
+    "training_losses",
 ]
 
 BetaSchedule = Literal["linear", "cosine"]
@@ -96,9 +97,13 @@ def alphas_cumprod_from_betas(betas: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values[t]`` reshaped to ``[B, 1, ..., 1]`` to broadcast against ``like``, in its dtype and device."""
-    out = values.to(like.device)[t.to(like.device)]
-    return out.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+    """``values[t]`` reshaped to ``[B, 1, ..., 1]`` to broadcast against ``like``, in its dtype and device.
+
+    The lookup happens where ``values`` live and the cast before the move, so a float64 schedule on the CPU
+    meets data on a device without float64 (Apple's MPS) only as ``like``'s dtype.
+    """
+    out = values[t.to(values.device)].to(like.dtype)
+    return out.to(like.device).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -378,6 +383,38 @@ def loss_terms(
     return squared_error, complexity_term
 
 
+def training_losses(
+    eps_model: EpsModel,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    *,
+    lambda_reg: float = 0.1,
+    complexity_mode: ComplexityMode = "scaled",
+) -> dict[str, torch.Tensor]:
+    """The training objective for one batch: DDPM's algorithm 1 with the design's loss, per sample.
+
+    ``x_t = q_sample(x0, t, noise)``; ``eps_pred = eps_model(x_t, t)``; then, with the complexity map of the
+    clean images ``c = compute_complexity(x0, complexity_mode)``,
+
+    - ``mse[i] = mean((eps_pred[i] - noise[i])**2)``,
+    - ``complexity_term[i] = mean(c[i] * |eps_pred[i] - noise[i]|)``,
+    - ``loss[i] = mse[i] + lambda_reg * complexity_term[i]``.
+
+    Shapes: ``x0``, ``noise`` ``[B, C, H, W]`` (data in [-1, 1]); ``t`` LongTensor ``[B]``. Returns a dict of
+    ``[B]`` float32 tensors ``{"loss", "mse", "complexity_term"}``; the caller averages (or weights) them.
+    ``loss.mean()`` is :func:`modified_loss` of the same prediction. The network may run under autocast (a
+    caller's ``torch.autocast``); the loss itself is always computed in float32.
+    """
+    x_t = q_sample(x0, t, noise, alphas_cumprod)
+    eps_pred = eps_model(x_t, t)
+    with torch.autocast(x0.device.type, enabled=False):
+        complexity = compute_complexity(x0.float(), complexity_mode)
+        mse, complexity_term = loss_terms(eps_pred.float(), noise.float(), complexity)
+    return {"loss": mse + lambda_reg * complexity_term, "mse": mse, "complexity_term": complexity_term}
+
+
 def modified_loss(
     pred_noise: torch.Tensor, true_noise: torch.Tensor, complexity: torch.Tensor, lambda_reg: float = 0.1
 ) -> torch.Tensor:
@@ -425,7 +462,6 @@ def adaptive_ddim_sample(
     t = torch.full((B,), T - 1, dtype=torch.long, device=x.device)
     nfe = torch.zeros(B, dtype=torch.long, device=x.device)
     done = torch.zeros(B, dtype=torch.bool, device=x.device)
-    alphas = alphas_cumprod.to(x.device)
 
     while not bool(done.all()):
         active = ~done
@@ -433,7 +469,7 @@ def adaptive_ddim_sample(
         eps = eps_model(x_a, t_a)
         nfe[active] += 1
 
-        alpha_t = _gather(alphas, t_a, x_a)
+        alpha_t = _gather(alphas_cumprod, t_a, x_a)
         # Where the step lands depends on x0_pred, so form it first (ddim_step recomputes it identically).
         x0_pred = predict_x0(x_a, eps, alpha_t, clip_x0)
         dt = adaptive_step_size(complexity_score(x0_pred, complexity_mode), base_step_size, min_step, max_step)
@@ -441,7 +477,7 @@ def adaptive_ddim_sample(
         finishing = t_a == 0
         t_prev = (t_a - stride).clamp(min=0)
         alpha_prev = torch.where(
-            finishing.reshape(alpha_t.shape), torch.ones_like(alpha_t), _gather(alphas, t_prev, x_a)
+            finishing.reshape(alpha_t.shape), torch.ones_like(alpha_t), _gather(alphas_cumprod, t_prev, x_a)
         )
 
         noise = randn(x_a.shape, _select(generator, active), x_a) if eta > 0 else None

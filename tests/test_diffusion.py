@@ -25,6 +25,7 @@ from models.diffusion import (
     predict_x0,
     q_sample,
     randn,
+    training_losses,
 )
 
 T = 1000
@@ -384,6 +385,82 @@ def test_design_mode_complexity_term_is_negligible_and_scaled_is_not():
     _, scaled_term = loss_terms(pred, true, compute_complexity(x0, "scaled"))
     assert design_term.mean() < 1e-2 * scaled_term.mean()
     assert scaled_term.mean().item() == pytest.approx((pred - true).abs().mean().item(), rel=0.1)
+
+
+# ----- the training objective
+
+
+class RecordingConv(torch.nn.Module):
+    """A deterministic eps-model (one 3x3 convolution, t ignored) that remembers the x_t it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x_t.detach().clone())
+        return self.conv(x_t)
+
+
+def training_batch(b: int = 4, size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(b, 3, size, size, generator=g) * 2 - 1
+    t = torch.randint(0, T, (b,), generator=g)
+    return x0, t, torch.randn(b, 3, size, size, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["scaled", "design"])
+def test_training_losses_are_the_design_loss_per_sample(alphas_cumprod, mode):
+    model = RecordingConv()
+    x0, t, noise = training_batch()
+    out = training_losses(model, x0, t, noise, alphas_cumprod, lambda_reg=0.3, complexity_mode=mode)
+    a = alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise  # DDIM eq. 4, written out
+    torch.testing.assert_close(model.seen[0], x_t)
+    with torch.no_grad():
+        eps = model.conv(x_t)
+    mse = (eps - noise).square().mean(dim=(1, 2, 3))
+    se, ct = loss_terms(eps, noise, compute_complexity(x0, mode))
+    assert set(out) == {"loss", "mse", "complexity_term"} and all(v.shape == (4,) for v in out.values())
+    torch.testing.assert_close(out["mse"], mse)
+    torch.testing.assert_close(out["complexity_term"], ct)
+    torch.testing.assert_close(out["loss"], se + 0.3 * ct)
+    torch.testing.assert_close(out["loss"].mean(), modified_loss(eps, noise, compute_complexity(x0, mode), 0.3))
+
+
+def test_training_losses_with_lambda_zero_are_ddpms_and_gradients_reach_the_model(alphas_cumprod):
+    model = RecordingConv()
+    x0, t, noise = training_batch()
+    out = training_losses(model, x0, t, noise, alphas_cumprod, lambda_reg=0.0)
+    torch.testing.assert_close(out["loss"], out["mse"], rtol=0, atol=0)
+    out["loss"].mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_training_losses_of_a_sample_do_not_depend_on_its_batch(alphas_cumprod):
+    model = RecordingConv()
+    x0, t, noise = training_batch()
+    batch = training_losses(model, x0, t, noise, alphas_cumprod, complexity_mode="scaled")
+    alone = training_losses(model, x0[2:3], t[2:3], noise[2:3], alphas_cumprod, complexity_mode="scaled")
+    for key in batch:
+        torch.testing.assert_close(alone[key][0], batch[key][2])
+
+
+@pytest.mark.parametrize("mode", ["scaled", "design"])
+def test_training_losses_under_autocast_compute_the_loss_in_float32(alphas_cumprod, mode):
+    # The network runs in bfloat16 under the caller's autocast; the complexity map (a convolution in design
+    # mode) and the loss must not: they match the float32 computation from the bfloat16 prediction exactly.
+    model = RecordingConv()
+    x0, t, noise = training_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = training_losses(model, x0, t, noise, alphas_cumprod, complexity_mode=mode)
+        eps_bf16 = model.conv(model.seen[0])
+    assert eps_bf16.dtype == torch.bfloat16 and all(v.dtype == torch.float32 for v in out.values())
+    se, ct = loss_terms(eps_bf16.float(), noise, compute_complexity(x0, mode))
+    torch.testing.assert_close(out["mse"], se, rtol=0, atol=0)
+    torch.testing.assert_close(out["complexity_term"], ct, rtol=0, atol=0)
 
 
 # ----- adaptive sampler
