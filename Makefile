@@ -8,11 +8,12 @@ UI     := .ui
 PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup test lint format bench demo ui ui-stop clean
+.PHONY: help setup test test-fast lint format bench demo ui ui-stop clean
 
 help:
 	@echo "make setup  - create .venv and install the project with its dev tools (quick when done)"
-	@echo "make test   - setup, then run the test suite"
+	@echo "make test   - setup, then run the test suite (what CI runs)"
+	@echo "make test-fast - setup, then the tests that start no DVC, Prefect server or subprocess and take < 10 s"
 	@echo "make lint   - setup, then ruff check + ruff format --check"
 	@echo "make format - setup, then let ruff fix imports and formatting"
 	@echo "make bench  - setup, then U-Net size and CPU training-step speed (JSON)"
@@ -33,6 +34,10 @@ setup: $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The inner loop: the math, the stages called as functions, the config and layout checks (under a minute).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not integration and not slow"
 
 lint: setup
 	$(BIN)/ruff check .

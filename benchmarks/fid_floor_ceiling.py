@@ -22,17 +22,17 @@ from PIL import Image
 
 from tasks.config import load_params
 from tasks.data import prepare_dataset, shape_image
-from tasks.evaluate import (
+from tasks.fid import (
     ImageFiles,
-    compute_reference,
     frechet_distance,
     inception_features,
     list_images,
-    load_inception,
     load_stats,
     reference_path,
     statistics,
 )
+from tasks.inception import load_inception
+from tasks.reference import compute_reference
 from tasks.sample import run_sampling
 from tasks.train import train
 

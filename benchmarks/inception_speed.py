@@ -3,7 +3,7 @@
     python benchmarks/inception_speed.py [--images 200]
 
 "pytorch_fid_default": pytorch-fid's own `get_activations` as its CLI runs it (batch 50, torch.no_grad,
-NCHW). "ours": `tasks.evaluate.inception_features` (batch 200, torch.inference_mode, channels_last). Both
+NCHW). "ours": `tasks.fid.inception_features` (batch 200, torch.inference_mode, channels_last). Both
 read the same PNG files (shapes at 32 px) and must give the same features.
 """
 
@@ -21,7 +21,8 @@ from PIL import Image
 from pytorch_fid.fid_score import get_activations
 
 from tasks.data import shape_image
-from tasks.evaluate import ImageFiles, inception_features, list_images, load_inception
+from tasks.fid import ImageFiles, inception_features, list_images
+from tasks.inception import load_inception
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ With the DDPM CIFAR-10 config (``UNetConfig.ddpm_cifar10()``) it has 35.7M param
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -30,29 +30,29 @@ __all__ = ["UNet", "UNetConfig", "timestep_embedding"]
 class UNetConfig:
     """Everything that determines the network's shape. Saved inside every checkpoint.
 
-    Attributes:
-        image_size: height = width of the input, in pixels.
-        in_channels: channels of the input image (3 for RGB).
-        out_channels: channels of the predicted noise; ``None`` means the same as ``in_channels``.
-        ch: base channel count; level ``i`` has ``ch * ch_mult[i]`` channels.
-        ch_mult: channel multiplier per resolution level; the image is halved between levels, so there are
-            ``len(ch_mult) - 1`` downsamplings.
-        num_res_blocks: residual blocks per level on the contracting path (the expansive path has one more,
-            to consume the extra skip connection from the downsampling).
-        attn_resolutions: feature-map sizes (in pixels) at which self-attention follows each residual block.
-        dropout: dropout probability inside residual blocks.
-        num_groups: GroupNorm groups; every channel count in the network must be divisible by it.
+    The defaults are DDPM's CIFAR-10 network (35.7M parameters). Each field's ``help`` says what it means;
+    the pipeline's ``model`` params section is made from these fields (all but the first three, which come
+    from the data), so the help is also the comment beside each key in ``params.yaml``.
     """
 
-    image_size: int = 32
-    in_channels: int = 3
-    out_channels: int | None = None
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    dropout: float = 0.1
-    num_groups: int = 32
+    image_size: int = field(default=32, metadata={"help": "height = width of the input, in pixels"})
+    in_channels: int = field(default=3, metadata={"help": "channels of the input image (3 for RGB)"})
+    out_channels: int | None = field(
+        default=None, metadata={"help": "channels of the predicted noise; null: in_channels"}
+    )
+    ch: int = field(default=128, metadata={"help": "base channel count: level i has ch * ch_mult[i] channels"})
+    ch_mult: tuple[int, ...] = field(
+        default=(1, 2, 2, 2),
+        metadata={"help": "channel multiplier per resolution level; the image halves between levels"},
+    )
+    num_res_blocks: int = field(
+        default=2, metadata={"help": "residual blocks per level down (the expansive path has one more)"}
+    )
+    attn_resolutions: tuple[int, ...] = field(
+        default=(16,), metadata={"help": "feature-map sizes (px) where self-attention follows each residual block"}
+    )
+    dropout: float = field(default=0.1, metadata={"help": "dropout probability inside residual blocks"})
+    num_groups: int = field(default=32, metadata={"help": "GroupNorm groups: every channel count must divide by it"})
 
     def __post_init__(self) -> None:
         # Accept lists (from YAML/JSON/checkpoints) but store tuples so the config stays hashable and frozen.

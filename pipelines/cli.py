@@ -78,10 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     profile = sub.add_parser(
         "profile",
         help="make params.yaml one of the profiles in profiles/ (demo, cifar10, cifar10-ch64, celebahq)",
-        description="copy profiles/NAME.yaml over params.yaml after validating it; `dvc params diff` shows the change",
+        description=(
+            "write a complete params.yaml: the defaults of tasks/config.py with profiles/NAME.yaml on top (a "
+            "profile lists only what differs from the defaults); `dvc params diff` shows the change"
+        ),
     )
     profile.add_argument("name", help="profile name: a file profiles/NAME.yaml")
-    profile.add_argument("--params", default="params.yaml", metavar="FILE", help="the file to replace")
+    profile.add_argument(
+        "--params", default="params.yaml", metavar="FILE", help="the file to write ('-': print it instead)"
+    )
     profile.add_argument("--profiles", default="profiles", metavar="DIR", help="where profiles live")
     fid_weights = sub.add_parser(
         "fid-weights",
@@ -109,6 +114,9 @@ def _quiet_user_error_tracebacks() -> None:
 
 def run_stage(args: argparse.Namespace) -> int:
     """Run the Prefect flow of stage ``args.command`` and print its result as one JSON line."""
+    from pipelines.prefect_api import use_prefect_api
+
+    use_prefect_api()
     from pipelines import flows
 
     _quiet_user_error_tracebacks()
@@ -119,7 +127,7 @@ def run_stage(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     if args.paths:
-        from tasks.evaluate import EvaluationError, fid_between
+        from tasks.fid import EvaluationError, fid_between
 
         if len(args.paths) != 2:
             raise EvaluationError(f"give two paths (folders or .npz), got {len(args.paths)}")
@@ -138,7 +146,7 @@ def _device(cfg) -> str:
 
 
 def run_fid_weights(args: argparse.Namespace) -> int:
-    from tasks.evaluate import install_fid_weights, weights_path
+    from tasks.inception import install_fid_weights, weights_path
 
     if weights_path().is_file() and not args.force:
         print(f"FID Inception weights already installed: {weights_path()}")
@@ -169,6 +177,9 @@ def run_runs(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
+    from pipelines.prefect_api import use_prefect_api
+
+    use_prefect_api()  # one server for the pipeline flow and every stage that `dvc repro` runs inside it
     from pipelines.flows import pipeline_flow
 
     _quiet_user_error_tracebacks()
@@ -206,18 +217,22 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+PARAMS_HEADER = """Every hyperparameter and path of the pipeline, one section per stage: the {name} profile.
+Written by `ddim profile {name}`: the defaults in tasks/config.py with profiles/{name}.yaml on top. Edit it
+freely, or override one key for a run with `ddim <stage> --set section.key=value`."""
+
+
 def run_profile(args: argparse.Namespace) -> int:
-    import shutil
+    from tasks.config import profile_params, render_params
+    from tasks.files import atomic_path
 
-    from tasks.images import atomic_path
-
-    source = Path(args.profiles) / f"{args.name}.yaml"
-    if not source.is_file():
-        known = sorted(p.stem for p in Path(args.profiles).glob("*.yaml"))
-        raise UserError(f"no profile {args.name!r} in {args.profiles}/: choose one of {', '.join(known) or 'none'}")
-    load_params(source)  # a profile that does not validate never replaces params.yaml
+    params = profile_params(args.name, args.profiles)  # a profile that does not validate never replaces params.yaml
+    text = render_params(params, PARAMS_HEADER.format(name=args.name))
+    if args.params == "-":
+        print(text, end="")
+        return 0
     with atomic_path(Path(args.params)) as tmp:
-        shutil.copyfile(source, tmp)
+        tmp.write_text(text)
     print(f"{args.params} is now the {args.name} profile; `dvc params diff` shows what changed")
     return 0
 

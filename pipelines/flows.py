@@ -27,7 +27,8 @@ from prefect.cache_policies import NO_CACHE
 from tasks.config import CIFAR10_URL, DataConfig, Params, load_params
 from tasks.data import CIFAR10_MD5, cifar10_archive_path, download, prepare_dataset
 from tasks.errors import UserError
-from tasks.evaluate import compute_reference, evaluate_samples
+from tasks.evaluate import evaluate_samples
+from tasks.reference import compute_reference
 from tasks.sample import run_sampling
 from tasks.tracking import read_run_id
 from tasks.train import TrainingError, train

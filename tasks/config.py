@@ -1,28 +1,50 @@
-"""Typed, validated configuration for each stage, loaded from ``params.yaml`` plus ``--set`` overrides.
+"""Typed, validated configuration for each stage: the one home of every param's default.
 
-``params.yaml`` is the single source of truth: one section per stage (``data``, ``model``, ...) and a
-``paths`` section. ``--set data.count=500`` overrides one key with a YAML scalar, the same form as
-``dvc exp run -S``. Everything is validated before any work starts; a bad value is a :class:`ConfigError`
-whose message is one line naming the key, the problem and what is allowed.
+The classes below define every key of ``params.yaml``: its type, its allowed values, its default and its
+meaning (the ``description``, which is also the comment beside the key in ``params.yaml``). The defaults are
+DDPM's CIFAR-10 setup, evaluated as in DDIM's Table 1; the ``model`` section is made from
+:class:`models.unet.UNetConfig`'s fields and defaults, and the closed choices (beta schedule, DDIM spacing,
+complexity mode) are the ``Literal`` types of ``models/``. A profile (``profiles/NAME.yaml``) lists only what
+differs from these defaults; ``ddim profile NAME`` writes the complete, commented ``params.yaml`` that DVC
+reads (:func:`profile_params`, :func:`render_params`).
+
+``--set data.count=500`` overrides one key with a YAML scalar, the same form as ``dvc exp run -S``.
+Everything is validated before any work starts; a bad value is a :class:`ConfigError` whose message is one
+line naming the key, the problem and what is allowed.
+
+Keys made with :func:`runtime` change how a stage runs (where, how fast, how often it logs), never what it
+produces: ``dvc.yaml`` does not list them, so changing one reruns nothing (:func:`result_keys`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from models.diffusion import BetaSchedule, ComplexityMode, Spacing, alphas_cumprod_from_betas, make_beta_schedule
 from models.unet import UNetConfig
+from tasks.devices import Device, Precision
 from tasks.errors import UserError
+
+if typing.TYPE_CHECKING:
+    import torch
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
 class ConfigError(UserError):
-    """params.yaml or an override is invalid."""
+    """params.yaml, a profile or an override is invalid."""
+
+
+def runtime(default: Any, description: str, **constraints: Any) -> Any:
+    """A key that changes how a stage runs, never what it produces (not a DVC param of any stage)."""
+    return Field(default, description=description, json_schema_extra={"runtime": True}, **constraints)
 
 
 class Section(BaseModel):
@@ -30,33 +52,38 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @classmethod
+    def result_keys(cls) -> list[str]:
+        """The keys whose value can change what a stage produces (all but the :func:`runtime` ones)."""
+        return [name for name, f in cls.model_fields.items() if not (f.json_schema_extra or {}).get("runtime")]
+
 
 class PathsConfig(Section):
     """Where stages read and write. Relative paths are relative to the current directory."""
 
-    raw: Path = Path("data/raw")  # downloads (the CIFAR-10 archive)
-    prepared: Path = Path("data/prepared")  # one folder per prepared dataset, named by data.name
-    checkpoints: Path = Path("data/checkpoints")  # training checkpoints + the MLflow run id (persists)
-    train: Path = Path("results/train")  # model.pt (EMA weights), train_metrics.csv, mlflow_run_id
-    reference: Path = Path("data/reference")  # FID reference statistics, <data.name>.npz
-    samples: Path = Path("results/samples")  # images/{index:06d}.png, grid.png, sample_stats.json
-    metrics: Path = Path("results/metrics.json")  # FID and the sampling config, for `dvc metrics show`
+    raw: Path = Field(Path("data/raw"), description="downloads (the CIFAR-10 archive)")
+    prepared: Path = Field(Path("data/prepared"), description="prepared datasets, one folder per data.name")
+    checkpoints: Path = Field(Path("data/checkpoints"), description="training checkpoints (kept between runs)")
+    train: Path = Field(Path("results/train"), description="model.pt, train_run.json, train_metrics.csv")
+    reference: Path = Field(Path("data/reference"), description="FID reference statistics, <data.name>.npz")
+    samples: Path = Field(Path("results/samples"), description="images/, grid.png, sample_stats.json")
+    metrics: Path = Field(Path("results/metrics.json"), description="the FID and how it was made (DVC metrics)")
 
 
 class DataConfig(Section):
     """The ``data`` section: what the prepare stage builds."""
 
-    name: str = "shapes32"  # folder under paths.prepared
-    source: Literal["cifar10", "folder", "shapes"] = "shapes"
-    split: Literal["train", "test"] = "train"  # cifar10 only
-    image_size: int = 32
-    count: int | None = 2000  # shapes: how many to generate; cifar10/folder: keep the first N (null: all)
-    seed: int = 0  # shapes only
-    path: Path | None = None  # folder: a directory (searched recursively) or a .zip of images
-    archive: Path | None = None  # cifar10: an already-downloaded cifar-10-python.tar.gz (no download)
-    url: str = CIFAR10_URL  # cifar10: where to download from when no archive is given
-    on_bad_image: Literal["skip", "fail"] = "fail"  # folder: what an unreadable image does
-    workers: int = 0  # folder: decoding processes (0: in this process)
+    name: str = Field("cifar10", description="output folder: <paths.prepared>/<name>")
+    source: Literal["cifar10", "folder", "shapes"] = Field("cifar10", description="cifar10 | folder | shapes")
+    split: Literal["train", "test"] = Field("train", description="cifar10: train (50,000) | test (10,000)")
+    image_size: int = Field(32, description="pixels, a positive multiple of 8")
+    count: int | None = Field(None, description="shapes: how many; cifar10/folder: the first N (null: all)")
+    seed: int = Field(0, description="shapes only")
+    path: Path | None = Field(None, description="folder: a directory (searched recursively) or .zip of images")
+    on_bad_image: Literal["skip", "fail"] = Field("fail", description="folder: fail | skip (warn, count) unreadable")
+    archive: Path | None = runtime(None, "cifar10: a downloaded cifar-10-python.tar.gz (MD5-checked; no download)")
+    url: str = runtime(CIFAR10_URL, "cifar10: where to download from when no archive is given")
+    workers: int = runtime(0, "folder: decoding processes (0: in this process)", ge=0)
 
     @field_validator("name")
     @classmethod
@@ -79,13 +106,6 @@ class DataConfig(Section):
             raise ValueError(f"must be a positive number of images or null, got {v}")
         return v
 
-    @field_validator("workers")
-    @classmethod
-    def _non_negative_workers(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"must be >= 0, got {v}")
-        return v
-
     @model_validator(mode="after")
     def _source_needs(self) -> DataConfig:
         if self.source == "shapes" and self.count is None:
@@ -95,75 +115,89 @@ class DataConfig(Section):
         return self
 
 
-class ModelConfig(Section):
-    """The ``model`` section: the U-Net's shape (its image size and channels come from the data)."""
+# The fields of UNetConfig that the data decides; the rest make up the ``model`` section.
+_FROM_DATA = ("image_size", "in_channels", "out_channels")
 
-    ch: int = 64
-    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    dropout: float = 0.1
-    num_groups: int = 32
 
+class _ModelSection(Section):
     def unet_config(self, image_size: int, in_channels: int = 3) -> UNetConfig:
         return UNetConfig(image_size=image_size, in_channels=in_channels, **self.model_dump())
+
+
+def _model_section() -> type[_ModelSection]:
+    """The ``model`` section: UNetConfig's fields (their types, defaults and help), less those of the data."""
+    types = typing.get_type_hints(UNetConfig)
+    fields = {
+        f.name: (types[f.name], Field(f.default, description=f.metadata["help"]))
+        for f in dataclasses.fields(UNetConfig)
+        if f.name not in _FROM_DATA
+    }
+    doc = "The ``model`` section: the U-Net's shape (its image size and channels come from the data)."
+    return create_model("ModelConfig", __base__=_ModelSection, __doc__=doc, **fields)
+
+
+ModelConfig = _model_section()
 
 
 class DiffusionConfig(Section):
     """The ``diffusion`` section: the forward process the model is trained for."""
 
-    schedule: Literal["linear", "cosine"] = "linear"
-    num_train_steps: int = Field(1000, ge=2)
-    beta_start: float = Field(1e-4, gt=0, lt=1)
-    beta_end: float = Field(0.02, gt=0, lt=1)
+    schedule: BetaSchedule = Field("linear", description="linear (DDPM) | cosine")
+    num_train_steps: int = Field(1000, ge=2, description="T, the number of noise levels")
+    beta_start: float = Field(1e-4, gt=0, lt=1, description="linear: beta_1")
+    beta_end: float = Field(0.02, gt=0, lt=1, description="linear: beta_T")
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """The paper's alpha_t for t = 0..T-1, float64 on the CPU."""
+        betas = make_beta_schedule(self.schedule, self.num_train_steps, self.beta_start, self.beta_end)
+        return alphas_cumprod_from_betas(betas)
 
 
 class TrainConfig(Section):
     """The ``train`` section. ``batch_size`` is per process: the global batch is batch_size x processes."""
 
-    steps: int = Field(2000, ge=1)  # optimizer steps in total
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    warmup: int = Field(100, ge=0)  # steps of linear LR warm-up from 0
-    grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    lambda_reg: float = Field(0.1, ge=0)  # weight of the complexity term; 0 is the plain DDPM loss
-    complexity_mode: Literal["design", "scaled"] = "scaled"
-    random_flip: bool = True
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
-    compile: bool = False
-    channels_last: bool = True
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"  # auto: cuda, then mps, then cpu
-    num_workers: int = Field(2, ge=0)  # DataLoader worker processes per rank
-    seed: int = 0
-    deterministic: bool = False  # deterministic algorithms (bit-exact reruns; slower on GPU)
-    log_every: int = Field(50, ge=1)  # metrics to CSV/MLflow, NaN check, progress bar
-    sample_every: int = Field(500, ge=0)  # a 16-image EMA sample grid to MLflow (0: only at the end)
-    sample_steps: int = Field(50, ge=1)  # DDIM steps for those grids
-    checkpoint_every: int = Field(500, ge=1)
-    keep_checkpoints: int = Field(3, ge=1)
-    resume: Literal["auto", "never"] = "auto"  # auto: continue from the newest checkpoint
-    nproc_per_node: int = Field(1, ge=1)  # > 1: `ddim train` launches torchrun with this many processes
+    steps: int = Field(800_000, ge=1, description="optimizer steps in total (more steps resume a finished run)")
+    batch_size: int = Field(128, ge=1, description="per process; the global batch is batch_size x processes")
+    lr: float = Field(2e-4, gt=0, description="Adam's learning rate")
+    warmup: int = Field(5000, ge=0, description="steps of linear LR warm-up from 0")
+    grad_clip: float = Field(1.0, gt=0, description="maximum gradient norm")
+    ema_decay: float = Field(0.9999, ge=0, lt=1, description="decay of the EMA weights that model.pt holds")
+    lambda_reg: float = Field(0.1, ge=0, description="the complexity term's weight; 0 is the plain DDPM loss")
+    complexity_mode: ComplexityMode = Field("scaled", description="scaled | design (the document's near-zero term)")
+    random_flip: bool = Field(True, description="flip each training image left-right with probability 1/2")
+    precision: Precision = Field("auto", description="auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32")
+    compile: bool = Field(False, description="torch.compile the training step")
+    channels_last: bool = Field(True, description="NHWC activations (faster convolutions on most devices)")
+    seed: int = Field(0, description="initial weights, data order and every step's noise")
+    deterministic: bool = Field(False, description="deterministic kernels: bit-exact reruns, slower on GPU")
+    nproc_per_node: int = Field(1, ge=1, description="> 1: `ddim train` runs torchrun with this many processes")
+    device: Device = runtime("auto", "auto (cuda, then mps, then cpu) | cuda | mps | cpu")
+    num_workers: int = runtime(4, "DataLoader worker processes per training process", ge=0)
+    log_every: int = runtime(100, "steps between metric rows (CSV, MLflow) and NaN checks", ge=1)
+    sample_every: int = runtime(10_000, "steps between EMA sample grids in MLflow (0: only at the end)", ge=0)
+    sample_steps: int = runtime(50, "DDIM steps for those grids", ge=1)
+    checkpoint_every: int = runtime(5000, "steps between checkpoints", ge=1)
+    keep_checkpoints: int = runtime(3, "newest checkpoints kept", ge=1)
+    resume: Literal["auto", "never"] = runtime("auto", "auto: continue from the newest checkpoint | never")
 
 
 class SampleConfig(Section):
     """The ``sample`` section: how images are generated from ``model.pt``."""
 
-    num_samples: int = Field(1000, ge=1)
-    batch_size: int = Field(100, ge=1)
-    sampler: Literal["ddim", "adaptive"] = "ddim"
-    steps: int = Field(50, ge=1)  # ddim: number of timesteps
-    eta: float = Field(0.0, ge=0)  # 0: deterministic DDIM; 1: DDPM-like
-    spacing: Literal["uniform", "quad", "trailing"] = "quad"
-    clip_x0: bool = True
-    seed: int = 0  # image i starts from the noise of seed + i, whatever the batch size
-    # adaptive sampler: stride = clamp(base_step_size / complexity(x0_pred), min_step, max_step) timesteps
-    base_step_size: float = Field(2.0, gt=0)
-    min_step: int = Field(5, ge=1)
-    max_step: int = Field(100, ge=1)
-    complexity_mode: Literal["design", "scaled"] = "scaled"
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 elsewhere
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    num_samples: int = Field(50_000, ge=1, description="images to generate (FID below 2,048 is biased)")
+    batch_size: int = Field(500, ge=1, description="images per sampler call")
+    sampler: Literal["ddim", "adaptive"] = Field("ddim", description="ddim | adaptive (the design's sampler)")
+    steps: int = Field(100, ge=1, description="ddim: number of timesteps")
+    eta: float = Field(0.0, ge=0, description="0: deterministic DDIM; 1: DDPM-like")
+    spacing: Spacing = Field("quad", description="ddim: uniform | quad (DDIM's CIFAR-10 table) | trailing")
+    clip_x0: bool = Field(True, description="clamp each x0 prediction to [-1, 1]")
+    seed: int = Field(0, description="image i's noise comes from (seed, i), whatever the batch size")
+    base_step_size: float = Field(2.0, gt=0, description="adaptive: stride = clamp(base / complexity(x0), min, max)")
+    min_step: int = Field(5, ge=1, description="adaptive: smallest stride, in training timesteps")
+    max_step: int = Field(100, ge=1, description="adaptive: largest stride")
+    complexity_mode: ComplexityMode = Field("scaled", description="adaptive: scaled | design")
+    precision: Precision = Field("auto", description="auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32")
+    device: Device = runtime("auto", "auto | cuda | mps | cpu")
 
     @model_validator(mode="after")
     def _steps_ordered(self) -> SampleConfig:
@@ -175,17 +209,17 @@ class SampleConfig(Section):
 class EvaluateConfig(Section):
     """The ``evaluate`` section: FID against the prepared dataset's Inception statistics."""
 
-    reference_count: int | None = None  # images of the dataset in the reference statistics (null: all)
-    batch_size: int = Field(200, ge=1)
-    num_workers: int = Field(0, ge=0)  # PNG-decoding processes
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    reference_count: int | None = Field(None, description="dataset images in the FID reference (null: all)")
+    batch_size: int = runtime(200, "images per Inception call", ge=1)
+    num_workers: int = runtime(4, "image-decoding processes", ge=0)
+    device: Device = runtime("auto", "auto | cuda | mps | cpu")
 
 
 class TrackingConfig(Section):
-    """The ``tracking`` section: MLflow. ``uri: null`` means ``sqlite:///<current dir>/mlflow.db``."""
+    """The ``tracking`` section: MLflow."""
 
-    uri: str | None = None
-    experiment: str = "ddim"
+    uri: str | None = runtime(None, "MLflow tracking URI (null: sqlite:///<current dir>/mlflow.db)")
+    experiment: str = runtime("ddim", "MLflow experiment name")
 
 
 class Params(Section):
@@ -193,7 +227,7 @@ class Params(Section):
 
     paths: PathsConfig = PathsConfig()
     data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = ModelConfig()  # type: ignore[valid-type]
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
@@ -214,6 +248,11 @@ class Params(Section):
                 f"({self.diffusion.num_train_steps})"
             )
         return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading params.yaml and --set overrides
+# ---------------------------------------------------------------------------------------------------------
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -256,11 +295,22 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def validate_params(raw: dict[str, Any]) -> Params:
+def validate_params(raw: dict[str, Any], source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"invalid params: {_describe(e)}") from None
+        raise ConfigError(f"invalid {source}: {_describe(e)}") from None
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (an empty file is an empty mapping)."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return raw
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
@@ -268,10 +318,49 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file {str(path)!r} not found: run from the project root or pass --params FILE")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    return validate_params(apply_overrides(raw, overrides or []))
+    return validate_params(apply_overrides(read_yaml_mapping(path), overrides or []))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Profiles: overlays on the defaults, rendered into a complete params.yaml
+# ---------------------------------------------------------------------------------------------------------
+
+
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overlay`` on top, section by section (lists and values are replaced, not merged)."""
+    out = dict(base)
+    for key, value in overlay.items():
+        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both_sections else value
+    return out
+
+
+def profile_names(profiles: Path) -> list[str]:
+    return sorted(p.stem for p in Path(profiles).glob("*.yaml"))
+
+
+def profile_params(name: str, profiles: str | Path = "profiles") -> Params:
+    """The defaults with ``profiles/<name>.yaml`` on top, validated."""
+    path = Path(profiles) / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(profile_names(Path(profiles))) or "none"
+        raise ConfigError(f"no profile {name!r} in {profiles}/: choose one of {known}")
+    defaults = Params().model_dump(mode="json")
+    return validate_params(merge(defaults, read_yaml_mapping(path)), source=f"profile {name}")
+
+
+def _yaml_value(value: Any) -> str:
+    """One value in YAML flow style: ``null``, ``0.0002``, ``[1, 2, 2]``, ``'0 3 * * *'``."""
+    return yaml.safe_dump([value], default_flow_style=True, width=1_000).strip()[1:-1]
+
+
+def render_params(params: Params, header: str) -> str:
+    """A complete params.yaml for ``params``: every section and key, each with its description as a comment."""
+    lines = [f"# {line}".rstrip() for line in header.strip().splitlines()]
+    values = params.model_dump(mode="json")
+    for section, info in Params.model_fields.items():
+        lines += ["", f"{section}:"]
+        for key, field in info.annotation.model_fields.items():
+            text = f"  {key}: {_yaml_value(values[section][key])}"
+            lines.append(f"{text:<30} # {field.description}" if field.description else text)
+    return "\n".join(lines) + "\n"

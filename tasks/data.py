@@ -1,11 +1,5 @@
-"""The prepare stage: download, import or synthesize images into one prepared dataset format.
-
-A prepared dataset is a folder ``<paths.prepared>/<data.name>/`` holding
-
-- ``images.npy``: uint8 ``[N, H, W, 3]`` (NHWC), memory-mappable with ``np.load(..., mmap_mode="r")``;
-- ``preview.png``: the first 64 images in an 8x8 grid;
-- ``manifest.json``: source, split, count, height, width, channels, the sha256 of the array's bytes, the
-  ``data`` params used, and how many input images were skipped.
+"""The prepare stage: download, import or synthesize images into a prepared dataset (``tasks/dataset.py``
+describes the format and reads it).
 
 The folder is built under a hidden temporary name and renamed into place only when complete, so an error or
 a crash never leaves anything at the final path that looks like a dataset.
@@ -21,9 +15,7 @@ Sources (``data.source``):
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import os
 import pickle
 import shutil
@@ -42,27 +34,18 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from tasks.config import DataConfig, PathsConfig
-from tasks.errors import UserError
-from tasks.images import atomic_path, make_grid, save_png
+from tasks.dataset import ARRAY, FORMAT_VERSION, MANIFEST, PREVIEW, DataError, array_sha256, dataset_dir
+from tasks.files import atomic_path, file_hash, write_json
+from tasks.images import make_grid, save_png
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MANIFEST = "manifest.json"
-ARRAY = "images.npy"
-PREVIEW = "preview.png"
-FORMAT_VERSION = 1
-
-
-class DataError(UserError):
-    """A dataset source is missing, corrupt or empty."""
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Writing a prepared dataset
@@ -117,16 +100,26 @@ class ArrayWriter:
         return np.load(self.path, mmap_mode="r")
 
 
-def array_sha256(array: np.ndarray, chunk: int = 4096) -> str:
-    """sha256 of the array's bytes in C order (the data, not the .npy header)."""
-    h = hashlib.sha256()
-    for start in range(0, len(array), chunk):
-        h.update(np.ascontiguousarray(array[start : start + chunk]).data)
-    return h.hexdigest()
-
-
-def dataset_dir(data: DataConfig, paths: PathsConfig) -> Path:
-    return Path(paths.prepared) / data.name
+def open_source(
+    data: DataConfig, paths: PathsConfig, archive: Path | None, cifar10_md5: str
+) -> tuple[int, Iterator[np.ndarray], dict[str, Any]]:
+    """The source's image count, an iterator over its images (uint8 ``[size, size, 3]``, unreadable ones
+    skipped or raised as ``data.on_bad_image`` says), and what the manifest should record about it."""
+    if data.source == "shapes":
+        assert data.count is not None  # validated by DataConfig
+        return data.count, (shape_image(data.image_size, data.seed, i) for i in range(data.count)), {}
+    if data.source == "cifar10":
+        if archive is None and data.archive is not None:
+            archive = verify_md5(Path(data.archive), cifar10_md5)
+        elif archive is None:
+            archive = download(data.url, cifar10_archive_path(paths), cifar10_md5)
+        array = read_cifar10(archive, data.split)[: data.count]
+        return len(array), (resize_square(a, data.image_size) for a in array), {"archive_md5": cifar10_md5}
+    assert data.path is not None
+    source = ImageSource.open(Path(data.path))
+    files = source.files[: data.count]
+    images = source.decode(files, data.image_size, data.on_bad_image, data.workers)
+    return len(files), images, {"files": len(files)}
 
 
 def prepare_dataset(
@@ -139,32 +132,12 @@ def prepare_dataset(
     ``cifar10_md5`` exists so tests can serve a small archive; production uses the real MD5.
     """
     start = time.perf_counter()
-    out = dataset_dir(data, paths)
-    extra: dict[str, Any] = {}
-    if data.source == "shapes":
-        assert data.count is not None  # validated by DataConfig
-        capacity, images = data.count, (shape_image(data.image_size, data.seed, i) for i in range(data.count))
-    elif data.source == "cifar10":
-        if archive is None and data.archive is not None:
-            archive = verify_md5(Path(data.archive), cifar10_md5)
-        elif archive is None:
-            archive = download(data.url, cifar10_archive_path(paths), cifar10_md5)
-        array = read_cifar10(archive, data.split)[: data.count]
-        capacity, images = len(array), (resize_square(a, data.image_size) for a in array)
-        extra["archive_md5"] = cifar10_md5
-    else:
-        assert data.path is not None
-        source = ImageSource.open(Path(data.path))
-        files = source.files[: data.count]
-        capacity, images = len(files), source.decode(files, data.image_size, data.on_bad_image, data.workers)
-        extra["files"] = len(files)
-
-    with atomic_directory(out) as tmp:
+    capacity, images, extra = open_source(data, paths, archive, cifar10_md5)
+    with atomic_directory(dataset_dir(data, paths)) as tmp:
         writer = ArrayWriter(tmp / ARRAY, capacity, data.image_size)
         for image in tqdm(images, total=capacity, desc=f"prepare {data.name}", unit="img", leave=False):
             writer.append(image)
         array = writer.finish()
-        skipped = capacity - len(array)
         if len(array) == 0:
             raise DataError(f"no readable images in {data.path}: all {capacity} failed to decode")
         save_png(make_grid(np.asarray(array[:64])), tmp / PREVIEW)
@@ -180,9 +153,9 @@ def prepare_dataset(
             "dtype": "uint8",
             "layout": "NHWC",
             "sha256": array_sha256(array),
-            "skipped": skipped,
+            "skipped": capacity - len(array),
             **extra,
-            "params": data.model_dump(mode="json"),
+            "params": data.model_dump(mode="json", include=set(data.result_keys())),  # what defines the data
         }
         del array
         write_json(manifest, tmp / MANIFEST)
@@ -190,19 +163,9 @@ def prepare_dataset(
     return manifest
 
 
-def write_json(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # CIFAR-10
 # ---------------------------------------------------------------------------------------------------------
-
-
-def file_hash(path: Path, algorithm: str = "md5") -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def cifar10_archive_path(paths: PathsConfig) -> Path:
@@ -213,7 +176,7 @@ def verify_md5(path: Path, md5: str) -> Path:
     """Return ``path`` if its MD5 is ``md5``; otherwise raise naming the problem and the fix."""
     if not path.is_file():
         raise DataError(f"archive {path} does not exist: fix data.archive, or set it to null to download")
-    got = file_hash(path)
+    got = file_hash(path, "md5")
     if got != md5:
         raise DataError(
             f"{path} has md5 {got}, expected {md5}: it is corrupt, truncated or not {CIFAR10_ARCHIVE}; "
@@ -228,7 +191,7 @@ def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
     An existing ``dest`` with the right MD5 is reused. A failed or corrupt download leaves nothing at
     ``dest``.
     """
-    if dest.is_file() and file_hash(dest) == md5:
+    if dest.is_file() and file_hash(dest, "md5") == md5:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
@@ -244,7 +207,7 @@ def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
             raise DataError(
                 f"could not download {url} ({reason}); offline: download it elsewhere and set data.archive"
             ) from None
-        got = file_hash(tmp)
+        got = file_hash(tmp, "md5")
         if got != md5:
             raise DataError(f"download of {url} has md5 {got}, expected {md5}: it is corrupt or truncated; rerun")
     return dest
@@ -468,57 +431,3 @@ def shape_image(size: int, seed: int, index: int) -> np.ndarray:
     else:
         draw.polygon([(cx, cy - half), (cx - half, cy + half * 0.8), (cx + half, cy + half * 0.8)], fill=color)
     return np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading a prepared dataset
-# ---------------------------------------------------------------------------------------------------------
-
-
-def load_manifest(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{root} is not a prepared dataset (no {MANIFEST}): run `ddim prepare` first")
-    return json.loads(path.read_text())
-
-
-class PreparedDataset(torch.utils.data.Dataset):
-    """A prepared dataset as float tensors in [-1, 1], ``[3, H, W]``, optionally flipped at random.
-
-    The array is memory-mapped lazily in each process, so the dataset pickles cheaply into DataLoader
-    workers. Random flips draw from torch's RNG, which the DataLoader seeds per worker.
-    """
-
-    def __init__(self, root: str | Path, random_flip: bool = False, verify: bool = False) -> None:
-        self.root = Path(root)
-        self.manifest = load_manifest(self.root)
-        self.random_flip = random_flip
-        self._array: np.ndarray | None = None
-        expected = (self.manifest["count"], self.manifest["height"], self.manifest["width"], 3)
-        if self.array.shape != expected:
-            raise DataError(f"{self.root / ARRAY} has shape {self.array.shape}, manifest says {expected}")
-        if verify and array_sha256(self.array) != self.manifest["sha256"]:
-            raise DataError(f"{self.root / ARRAY} does not match its manifest's sha256: run `ddim prepare` again")
-
-    @property
-    def array(self) -> np.ndarray:
-        if self._array is None:
-            self._array = np.load(self.root / ARRAY, mmap_mode="r")
-        return self._array
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_array": None}
-
-    def __len__(self) -> int:
-        return self.manifest["count"]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        x = torch.from_numpy(np.array(self.array[index])).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Inverse of the reader's scaling: ``[B, 3, H, W]`` in [-1, 1] -> uint8 ``[B, H, W, 3]``."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -1,18 +1,19 @@
-"""Small image helpers shared by the stages: grids, atomic PNG and file writes."""
+"""Small image helpers shared by the stages: tensors to uint8 images, grids, PNG files."""
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from tasks.files import atomic_path
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images ``[B, 3, H, W]`` in [-1, 1] (the prepared dataset's scaling) -> uint8 ``[B, H, W, 3]``."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -30,28 +31,15 @@ def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, pad_value: in
     return grid
 
 
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it.
-
-    The rename is atomic on POSIX, so readers see either the old file or the complete new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the final file the usual permissions
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_png(image: np.ndarray, path: str | Path) -> None:
     """Write a uint8 ``[H, W, C]`` (C = 1 or 3) array as a PNG, atomically."""
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     with atomic_path(path) as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    """An image file as uint8 RGB ``[H, W, 3]``."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))

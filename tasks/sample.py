@@ -1,13 +1,14 @@
 """The sample stage: generate ``sample.num_samples`` images from ``model.pt`` with DDIM or the adaptive sampler.
 
-Image i starts from the noise of ``torch.Generator().manual_seed(sample.seed + i)`` (drawn on the CPU, so the
-same on every device) and, when ``eta > 0``, takes its step noise from that generator too: it is the same
-image whatever the batch size. Output in ``paths.samples``:
+Image i starts from the noise of a generator seeded from (``sample.seed``, i) (drawn on the CPU, so the same on
+every device) and, when ``eta > 0``, takes its step noise from that generator too: it is the same image
+whatever the batch size, and two seeds never share an image's noise. Output in ``paths.samples``:
 
 - ``images/{i:06d}.png``, each written atomically (no truncated PNG, ever);
 - ``grid.png``: the first 64; ``sample_stats.json``: NFE mean/min/max, wall time, images/s;
 - ``nfe.npy`` (model evaluations per image) and ``config.json`` (what made the images), which let a rerun after
-  a kill continue after the last complete batch; a different config starts over.
+  a kill continue after the last complete batch; a different config starts over. A rerun that finds every
+  image already made by the same config and model changes nothing.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from models.diffusion import adaptive_ddim_sample, ddim_sample, ddim_timesteps
+from tasks.checkpoint import MODEL_FILE, load_model
 from tasks.config import Params, SampleConfig
-from tasks.data import file_hash, to_uint8, write_json
-from tasks.devices import autocast_dtype, pick_device
+from tasks.devices import on_device, pick_device, set_precision
 from tasks.errors import UserError
-from tasks.images import atomic_path, make_grid, save_png
-from tasks.train import alphas_cumprod_for, load_model
+from tasks.files import atomic_path, file_hash, write_json
+from tasks.images import make_grid, read_png, save_png, to_uint8
+from tasks.seeds import derive_seed
 
 IMAGES = "images"
 
@@ -57,11 +58,11 @@ def sample_images(
     indices: range,
     image_size: int,
     device: torch.device,
+    amp_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``indices`` as ``[B, 3, H, W]`` in [-1, 1] and their model evaluations ``[B]``."""
-    generators = [torch.Generator().manual_seed(cfg.seed + i) for i in indices]
+    generators = [torch.Generator().manual_seed(derive_seed(cfg.seed, i)) for i in indices]
     x_T = torch.stack([torch.randn(3, image_size, image_size, generator=g) for g in generators]).to(device)
-    amp_dtype = autocast_dtype(cfg.precision, device)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         if cfg.sampler == "ddim":
             T = alphas_cumprod.shape[0]
@@ -84,50 +85,82 @@ def sample_images(
     return x0.float(), nfe.cpu()
 
 
-def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> dict[str, Any]:
-    """Generate the configured samples (continuing an interrupted run) and return ``sample_stats``."""
-    cfg = params.sample
-    model_path = Path(params.paths.train) / "model.pt"
-    if not model_path.is_file():
-        raise SamplingError(f"{model_path} not found: run `ddim train` first")
-    device = pick_device(cfg.device)
-    model, state = load_model(model_path, device)
-    if params.diffusion.model_dump() != state["diffusion"]:
-        raise SamplingError(f"{model_path} was trained with diffusion={state['diffusion']}, params say otherwise")
-    image_size = state["model_config"]["image_size"]
-    alphas_cumprod = alphas_cumprod_for(params.diffusion).to(device)
+def sampling_identity(cfg: SampleConfig, model_path: Path) -> dict[str, Any]:
+    """What makes the images: the sampling keys that can change them, and the model file's sha256."""
+    return {"sample": cfg.model_dump(include=set(cfg.result_keys())), "model_sha256": file_hash(model_path)}
 
-    out = Path(params.paths.samples)
-    identity = {"sample": cfg.model_dump(), "model_sha256": file_hash(model_path, "sha256")}
-    config_path = out / "config.json"
+
+def open_output(out: Path, identity: dict[str, Any], num_samples: int) -> dict[str, Any] | None:
+    """Make ``out`` ready for the images ``identity`` describes; their stats if every one is already there.
+
+    A folder whose ``config.json`` records another config or model starts over.
+    """
+    config_path, stats_path = out / "config.json", out / "sample_stats.json"
     if config_path.is_file() and json.loads(config_path.read_text()) != identity:
-        shutil.rmtree(out)  # made by another config or model: start over
+        shutil.rmtree(out)
+    elif config_path.is_file() and stats_path.is_file():
+        stats = json.loads(stats_path.read_text())
+        if stats["complete"] and completed_prefix(out, num_samples) == num_samples:
+            return stats
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     write_json(identity, config_path)
+    return None
 
-    nfe_path = out / "nfe.npy"
+
+def generate(
+    model: torch.nn.Module,
+    alphas_cumprod: torch.Tensor,
+    cfg: SampleConfig,
+    out: Path,
+    image_size: int,
+    amp_dtype: torch.dtype | None,
+    stop_after_batches: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """Write the missing images of ``out`` batch by batch; return the model evaluations of every image and
+    how many images this call made.
+
+    It continues from the start of the batch holding the first missing image, so batches match an
+    uninterrupted run (the adaptive sampler's design mode couples the samples of a batch).
+    """
+    nfe_path, device = out / "nfe.npy", next(model.parameters()).device
     nfe = np.load(nfe_path) if nfe_path.is_file() else np.zeros(cfg.num_samples, dtype=np.int64)
     if len(nfe) != cfg.num_samples:
         nfe = np.zeros(cfg.num_samples, dtype=np.int64)
-    # Continue from the start of the batch holding the first missing image, so batches match an
-    # uninterrupted run (the adaptive sampler's design mode couples the samples of a batch).
     start = completed_prefix(out, cfg.num_samples) // cfg.batch_size * cfg.batch_size
-    begin = time.perf_counter()
+    firsts = range(start, cfg.num_samples, cfg.batch_size)[:stop_after_batches]
     generated = 0
-    bar = tqdm(total=cfg.num_samples, initial=start, desc="sample", unit="img")
-    for batch, first in enumerate(range(start, cfg.num_samples, cfg.batch_size)):
-        if stop_after_batches is not None and batch >= stop_after_batches:
-            break
-        indices = range(first, min(first + cfg.batch_size, cfg.num_samples))
-        x0, batch_nfe = sample_images(model, alphas_cumprod, cfg, indices, image_size, device)
-        for i, img in zip(indices, to_uint8(x0), strict=True):
-            save_png(img, image_path(out, i))
-        nfe[indices.start : indices.stop] = batch_nfe.numpy()
-        with atomic_path(nfe_path) as tmp, open(tmp, "wb") as f:
-            np.save(f, nfe)
-        generated += len(indices)
-        bar.update(len(indices))
-    bar.close()
+    with tqdm(total=cfg.num_samples, initial=start, desc="sample", unit="img") as bar:
+        for first in firsts:
+            indices = range(first, min(first + cfg.batch_size, cfg.num_samples))
+            x0, batch_nfe = sample_images(model, alphas_cumprod, cfg, indices, image_size, device, amp_dtype)
+            for i, img in zip(indices, to_uint8(x0), strict=True):
+                save_png(img, image_path(out, i))
+            nfe[indices.start : indices.stop] = batch_nfe.numpy()
+            with atomic_path(nfe_path) as tmp, open(tmp, "wb") as f:
+                np.save(f, nfe)
+            generated += len(indices)
+            bar.update(len(indices))
+    return nfe, generated
+
+
+def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> dict[str, Any]:
+    """Generate the configured samples (continuing an interrupted run) and return ``sample_stats``."""
+    cfg = params.sample
+    model_path = Path(params.paths.train) / MODEL_FILE
+    device = pick_device(cfg.device)
+    model, state = load_model(model_path, device)
+    if params.diffusion.model_dump() != state.get("diffusion"):
+        raise SamplingError(f"{model_path} was trained with diffusion={state.get('diffusion')}, params say otherwise")
+    out = Path(params.paths.samples)
+    finished = open_output(out, sampling_identity(cfg, model_path), cfg.num_samples)
+    if finished is not None:
+        return finished  # every image is there, made by this config and model: nothing to do
+
+    amp_dtype, precision = set_precision(cfg.precision, device)
+    alphas_cumprod = on_device(params.diffusion.alphas_cumprod(), device)
+    begin = time.perf_counter()
+    image_size = state["model_config"]["image_size"]
+    nfe, generated = generate(model, alphas_cumprod, cfg, out, image_size, amp_dtype, stop_after_batches)
     seconds = time.perf_counter() - begin
 
     done = completed_prefix(out, cfg.num_samples)
@@ -145,14 +178,10 @@ def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> di
         "images_generated_now": generated,
         "images_per_s": round(generated / seconds, 2) if generated else None,
         "device": str(device),
+        "precision": precision,
     }
     if done:
-        first64 = np.stack([np.asarray(_read_png(image_path(out, i))) for i in range(min(64, done))])
+        first64 = np.stack([read_png(image_path(out, i)) for i in range(min(64, done))])
         save_png(make_grid(first64), out / "grid.png")
     write_json(stats, out / "sample_stats.json")
     return stats
-
-
-def _read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.config import TrackingConfig
-from tasks.images import atomic_path
+from tasks.files import atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -182,7 +182,7 @@ def log_evaluation(
     name = f"{s['sampler']}-{s['steps'] or 'adaptive'}steps-eta{s['eta']}" + (
         f"-{s['spacing']}" if s["spacing"] else ""
     )
-    tags = {"stage": "evaluate"}
+    tags = {"stage": "evaluate", **{k: str(metrics[k]) for k in ("device", "precision") if k in metrics}}
     if parent_run_id is not None:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id

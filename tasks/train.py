@@ -3,17 +3,24 @@
 One process, or one rank of a ``torchrun`` job (DDP: nccl on CUDA, gloo on CPU); ``python -m tasks.train``
 is the per-rank entry point that ``ddim train`` hands to torchrun when ``train.nproc_per_node > 1``.
 
-Each step (DDPM's algorithm 1 with the design's loss): x0 from the prepared dataset, flipped at random;
-t ~ U{0..T-1}; eps ~ N(0, I); loss = mean((eps_theta(x_t, t) - eps)^2) + lambda_reg * mean(c * |...|) with
-c = compute_complexity(x0). Adam with linear warm-up, gradient clipping, an EMA of the weights.
+The run, in four pieces (improved-diffusion's and EDM's shape):
 
-Reproducibility: all randomness of step s on rank r (timesteps, noise, flips, dropout) is drawn after
+1. :func:`build_run` builds everything once: the model, its EMA, the optimizer, the data, and the state of
+   the newest compatible checkpoint.
+2. :func:`train_step` is one optimization step, the hot part: DDPM's algorithm 1 with the design's loss
+   (:func:`models.diffusion.training_losses`), Adam with linear warm-up, gradient clipping, the EMA update.
+   With ``train.compile`` its forward and backward pass are what ``torch.compile`` compiles.
+3. :class:`Bookkeeping` does the periodic maintenance: metric rows, the NaN check, checkpoints, sample grids,
+   stopping on SIGTERM/SIGINT.
+4. :func:`export` writes ``model.pt`` and its ``train_run.json`` sidecar.
+
+Reproducibility: all randomness of step s on rank r (flips, timesteps, noise, dropout) is drawn after
 seeding torch from (train.seed, r, s), and the data order of epoch e comes from (train.seed, e). The
 random state at any step is therefore a function of the step, which a checkpoint stores; a run killed and
 resumed takes exactly the steps an uninterrupted run takes (bit-exact on CPU with train.deterministic).
 
 Files (rank 0 only): checkpoints ``ckpt-<step>.pt`` in ``paths.checkpoints`` (atomic, the newest K kept) with
-the MLflow run id beside them; ``model.pt`` (EMA weights + configs: what sampling loads),
+the MLflow run id beside them; ``model.pt`` (``tasks/checkpoint.py``), ``train_run.json``,
 ``train_metrics.csv`` and ``mlflow_run_id`` in ``paths.train``.
 """
 
@@ -22,15 +29,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import hashlib
+import functools
 import json
 import os
-import re
 import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,25 +49,32 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from models.diffusion import (
-    alphas_cumprod_from_betas,
-    compute_complexity,
-    ddim_sample,
-    ddim_timesteps,
-    loss_terms,
-    make_beta_schedule,
-    q_sample,
+from models.diffusion import ddim_sample, ddim_timesteps, training_losses
+from models.unet import UNet
+from tasks.checkpoint import (
+    MODEL_FILE,
+    list_checkpoints,
+    newest_checkpoint,
+    save_checkpoint,
+    save_model,
+    weights_digest,
 )
-from models.unet import UNet, UNetConfig
-from tasks.config import DiffusionConfig, Params, load_params
-from tasks.data import PreparedDataset, dataset_dir, to_uint8
-from tasks.devices import autocast_dtype, pick_device
+from tasks.config import Params, TrainConfig, load_params
+from tasks.dataset import PreparedDataset, dataset_dir
+from tasks.devices import on_device, pick_device, set_precision
 from tasks.errors import UserError
-from tasks.images import atomic_path, make_grid
+from tasks.files import atomic_path, file_hash, write_json
+from tasks.images import make_grid, to_uint8
+from tasks.seeds import derive_seed
 from tasks.tracking import NullTracker, Tracker, git_commit, write_run_id
 
-CKPT_PATTERN = re.compile(r"ckpt-(\d{8})\.pt")
 METRICS_FIELDS = ["step", "loss", "mse", "complexity_term", "lr", "grad_norm", "images_per_s"]
+RUN_FILE = "train_run.json"
+
+# Train keys that a checkpoint may differ in and still be resumed: those that cannot change what is learned
+# (the runtime keys of TrainConfig), plus more steps, another process count or compiling.
+RUNTIME_KEYS = set(TrainConfig.model_fields) - set(TrainConfig.result_keys())
+RESUMABLE_ACROSS = RUNTIME_KEYS | {"steps", "nproc_per_node", "compile"}
 
 
 class TrainingError(UserError):
@@ -74,22 +86,175 @@ class TrainingInterruptedError(UserError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Small pieces
+# 1. The run's state, built once
 # ---------------------------------------------------------------------------------------------------------
 
 
-def alphas_cumprod_for(cfg: DiffusionConfig) -> torch.Tensor:
-    betas = make_beta_schedule(cfg.schedule, cfg.num_train_steps, cfg.beta_start, cfg.beta_end)
-    return alphas_cumprod_from_betas(betas)
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_env(cls) -> Dist:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
 
 
-def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up from ~0 to ``base_lr`` over ``warmup`` steps, then constant (DDPM)."""
-    return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+@dataclass
+class Run:
+    """Everything one training process holds. ``model`` owns the weights; ``losses`` runs the forward pass
+    and the loss through DDP (under torchrun), autocast and, with ``train.compile``, the compiled graph."""
+
+    params: Params
+    dist: Dist
+    device: torch.device
+    precision: str  # what train.precision resolved to here: bf16, fp16 or fp32
+    dataset: PreparedDataset
+    model: UNet
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    losses: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+    alphas_cumprod: torch.Tensor  # on the device (float32 on MPS, float64 elsewhere)
+    fingerprint: dict[str, Any]
+    start_step: int
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.params.train
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.dist.world_size
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def training_fingerprint(params: Params, dataset_sha256: str) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the model, the diffusion, the recipe and the data."""
+    recipe = {k: v for k, v in params.train.model_dump().items() if k not in RESUMABLE_ACROSS}
+    return {
+        "model": params.model.unet_config(params.data.image_size).to_dict(),
+        "diffusion": params.diffusion.model_dump(),
+        "train": recipe,
+        "dataset_sha256": dataset_sha256,
+    }
+
+
+def setup_process(cfg: TrainConfig, dist_info: Dist) -> torch.device:
+    """This process's device, the process group under torchrun, and the kernel-selection flags."""
+    device = pick_device(cfg.device, dist_info.local_rank)
+    if dist_info.distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def open_dataset(params: Params, global_batch: int) -> PreparedDataset:
+    dataset = PreparedDataset(dataset_dir(params.data, params.paths))
+    if dataset.manifest["height"] != params.data.image_size:
+        raise TrainingError(
+            f"the prepared dataset is {dataset.manifest['height']} px but data.image_size is "
+            f"{params.data.image_size}: run `ddim prepare` again"
+        )
+    if len(dataset) < global_batch:
+        raise TrainingError(
+            f"the dataset has {len(dataset)} images, fewer than one global batch of {global_batch} "
+            f"(train.batch_size x processes): lower train.batch_size or prepare more images"
+        )
+    return dataset
+
+
+def _forward_losses(
+    model: torch.nn.Module,
+    alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    lambda_reg: float,
+    complexity_mode: str,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """The per-sample losses of one batch, with the network under autocast when ``amp_dtype`` is set."""
+    with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return training_losses(
+            model, x0, t, noise, alphas_cumprod, lambda_reg=lambda_reg, complexity_mode=complexity_mode
+        )
+
+
+def build_run(params: Params) -> Run:
+    """Build the model, EMA, optimizer and data; load the newest checkpoint made with the same fingerprint."""
+    cfg, dist_info = params.train, Dist.from_env()
+    device = setup_process(cfg, dist_info)
+    amp_dtype, precision = set_precision(cfg.precision, device)
+    dataset = open_dataset(params, cfg.batch_size * dist_info.world_size)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = UNet(params.model.unet_config(params.data.image_size)).to(device, memory_format=memory_format)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    fingerprint = training_fingerprint(params, dataset.manifest["sha256"])
+    state = newest_checkpoint(Path(params.paths.checkpoints), fingerprint) if cfg.resume == "auto" else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+
+    network: torch.nn.Module = model
+    if dist_info.distributed:  # DDP all-reduces the gradients during the backward pass
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    alphas_cumprod = on_device(params.diffusion.alphas_cumprod(), device)
+    losses = functools.partial(
+        _forward_losses,
+        network,
+        alphas_cumprod.float(),
+        lambda_reg=cfg.lambda_reg,
+        complexity_mode=cfg.complexity_mode,
+        amp_dtype=amp_dtype,
+    )
+    return Run(
+        params=params,
+        dist=dist_info,
+        device=device,
+        precision=precision,
+        dataset=dataset,
+        model=model,
+        ema=ema,
+        optimizer=optimizer,
+        scaler=scaler,
+        losses=torch.compile(losses) if cfg.compile else losses,
+        alphas_cumprod=alphas_cumprod,
+        fingerprint=fingerprint,
+        start_step=int(state["step"]) if state is not None else 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. The data, and one optimization step
+# ---------------------------------------------------------------------------------------------------------
 
 
 class SkipSampler(Sampler[int]):
@@ -108,24 +273,82 @@ class SkipSampler(Sampler[int]):
         return len(self.sampler) - self.skip
 
 
-def list_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoint files in ``folder``, oldest first."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if CKPT_PATTERN.fullmatch(p.name))
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which checkpoints before they are shut down.
+
+    Ctrl-C and process-group kills (DVC, Prefect, a shell) reach every process of the group; a worker that
+    died first would take the batch it was loading with it, and the main process would fail before its
+    checkpoint.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def save_torch(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def batches(run: Run, end: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(step, x0)`` for the steps ``run.start_step .. end - 1``.
+
+    Epoch e's order is a function of (train.seed, e) and a resumed run skips into its epoch, so it reads
+    exactly the batches an uninterrupted run reads.
+    """
+    cfg, d = run.cfg, run.dist
+    steps_per_epoch = len(run.dataset) // run.global_batch
+    step = run.start_step
+    while step < end:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler = DistributedSampler(run.dataset, d.world_size, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(
+            run.dataset,
+            batch_size=cfg.batch_size,
+            sampler=SkipSampler(sampler, offset * cfg.batch_size),
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            pin_memory=run.device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals,
+        )
+        for x0 in loader:
+            yield step, x0
+            step += 1
+            if step >= end:
+                return
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+def lr_at(step: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up from ~0 to ``base_lr`` over ``warmup`` steps, then constant (DDPM)."""
+    return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
+
+
+def train_step(run: Run, x0: torch.Tensor, step: int) -> torch.Tensor:
+    """One optimization step on the batch ``x0`` (uint8-scaled floats in [-1, 1], as the dataset yields).
+
+    Returns ``[loss, mse, complexity_term, grad_norm]`` on the device: reading them would wait for the GPU, so
+    the caller does that only at log steps.
+    """
+    cfg = run.cfg
+    torch.manual_seed(derive_seed(cfg.seed, run.dist.rank, step))  # this step's flips, t, noise and dropout
+    x0 = x0.to(run.device, non_blocking=True).contiguous(memory_format=run.memory_format)
+    if cfg.random_flip:
+        flip = torch.rand(x0.shape[0], device=run.device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    t = torch.randint(0, run.params.diffusion.num_train_steps, (x0.shape[0],), device=run.device)
+    losses = run.losses(x0, t, torch.randn_like(x0))
+    loss = losses["loss"].mean()
+
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)  # under fp16, skipped when the gradients overflowed
+    run.scaler.update()
+    run.ema.update_parameters(run.model)
+    return torch.stack([loss, losses["mse"].mean(), losses["complexity_term"].mean(), grad_norm]).detach()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Periodic maintenance
+# ---------------------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -149,8 +372,6 @@ class MetricsCSV:
     """``train_metrics.csv``, appended one row per log step; rows past a resumed step are dropped first."""
 
     def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         if resume_step > 0 and path.is_file():
             with open(path, newline="") as f:
@@ -170,91 +391,195 @@ class MetricsCSV:
         self.file.close()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        return cls(
-            int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        )
-
-
-# Train params that do not change what is learned: a checkpoint made under other values can be resumed.
-RESUMABLE_ACROSS = {
-    "steps",
-    "log_every",
-    "sample_every",
-    "sample_steps",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "resume",
-    "nproc_per_node",
-    "num_workers",
-    "device",
-    "compile",
-}
-
-
-def training_fingerprint(params: Params, dataset_sha256: str) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: the model, the diffusion, the recipe and the data."""
-    recipe = {k: v for k, v in params.train.model_dump().items() if k not in RESUMABLE_ACROSS}
-    return {
-        "model": params.model.unet_config(params.data.image_size).to_dict(),
-        "diffusion": params.diffusion.model_dump(),
-        "train": recipe,
-        "dataset_sha256": dataset_sha256,
-    }
-
-
-def _load_resume_state(params: Params, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The newest readable checkpoint made by the same fingerprint, or None (then training starts over)."""
-    if params.train.resume == "never":
-        return None
-    for path in reversed(list_checkpoints(Path(params.paths.checkpoints))):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # not a checkpoint of ours after all: say so, try the one before
-            warnings.warn(f"ignoring unreadable checkpoint {path} ({e.__class__.__name__})", stacklevel=2)
-            continue
-        if state.get("fingerprint") != fingerprint:
-            changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
-            warnings.warn(
-                f"the checkpoints in {path.parent} were made with other {', '.join(changed)} settings: "
-                f"training starts over",
-                stacklevel=2,
-            )
-            return None
-        return state
-    return None
-
-
-def _sample_grid(
-    ema: torch.nn.Module, params: Params, alphas_cumprod: torch.Tensor, device: torch.device
-) -> np.ndarray:
+def sample_grid(run: Run) -> np.ndarray:
     """16 EMA samples (DDIM, eta 0, x0 clipped, fixed noise) as a uint8 grid image."""
-    size = params.data.image_size
-    g = torch.Generator().manual_seed(params.train.seed)
-    x_T = torch.randn(16, 3, size, size, generator=g).to(device)
-    steps = min(params.train.sample_steps, params.diffusion.num_train_steps)
-    timesteps = ddim_timesteps(params.diffusion.num_train_steps, steps, "trailing")
+    cfg, size, T = run.cfg, run.params.data.image_size, run.params.diffusion.num_train_steps
+    x_T = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
+    timesteps = ddim_timesteps(T, min(cfg.sample_steps, T), "trailing")
+    ema = run.ema.module
     was_training = ema.training
     ema.eval()
-    x0 = ddim_sample(ema, x_T, alphas_cumprod, timesteps, eta=0.0, clip_x0=True)
+    x0 = ddim_sample(ema, x_T, run.alphas_cumprod, timesteps, eta=0.0, clip_x0=True)
     ema.train(was_training)
     return make_grid(to_uint8(x0), nrow=4)
+
+
+class Bookkeeping:
+    """Everything a run does besides stepping: running sums, the NaN check, metric rows, grids, checkpoints.
+
+    Per step, :meth:`record` only adds on the device. :meth:`maintain` runs at log and checkpoint steps
+    (and, in one process, as soon as a stop is asked for); there the ranks agree, in one all-reduce, on
+    whether any of them saw a non-finite loss or gradient, so every rank stops at the same step and no
+    checkpoint is ever written from weights that a bad step has reached.
+    """
+
+    def __init__(self, run: Run, end: int, progress: Callable[[int, int, dict[str, float]], None] | None) -> None:
+        self.run, self.end, self.progress = run, end, progress
+        self.sums = torch.zeros(3, device=run.device)  # loss, mse, complexity term since the last log step
+        self.grad_norm = torch.zeros((), device=run.device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        self.last: dict[str, float] = {"loss": float("nan")}
+        self.tracker: NullTracker = NullTracker()
+        self.csv: MetricsCSV | None = None
+        self.bar = tqdm(
+            total=run.cfg.steps, initial=run.start_step, desc="train", unit="step", disable=not run.dist.is_main
+        )
+        if run.dist.is_main:
+            self._open_outputs()
+
+    def _open_outputs(self) -> None:
+        """The MLflow run (continued on resume), the metrics CSV and the run id file (main process only)."""
+        params, run = self.run.params, self.run
+        ckpt_dir, out_dir = Path(params.paths.checkpoints), Path(params.paths.train)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if run.start_step == 0:  # resume=never, or nothing usable: start clean
+            for old in list_checkpoints(ckpt_dir):
+                old.unlink()
+            (ckpt_dir / "mlflow_run_id").unlink(missing_ok=True)
+        tags = {
+            "mlflow.source.git.commit": git_commit(),
+            "dataset.sha256": run.dataset.manifest["sha256"],
+            "dataset.name": params.data.name,
+            "stage": "train",
+            "device": str(run.device),
+            "precision": run.precision,
+        }
+        self.tracker = Tracker.for_training(params.tracking, params.model_dump(mode="json"), tags, ckpt_dir)
+        write_run_id(self.tracker.run_id, out_dir)
+        self.csv = MetricsCSV(out_dir / "train_metrics.csv", run.start_step)
+
+    def record(self, step: int, stats: torch.Tensor) -> None:
+        """Add step ``step``'s ``[loss, mse, complexity_term, grad_norm]`` (no host sync)."""
+        loss_ok = torch.isfinite(stats[0])
+        grad_ok = torch.isfinite(stats[3]) | self.run.scaler.is_enabled()  # fp16: the scaler skips such steps
+        self.bad_step = torch.where(~(loss_ok & grad_ok) & (self.bad_step < 0), step, self.bad_step)
+        self.sums += stats[:3]
+        self.grad_norm = stats[3]
+        self.window_steps += 1
+        self.bar.update(1)
+
+    def maintain(self, step: int, stop_asked: bool) -> None:
+        """After ``step`` steps: log, check, grid and checkpoint when due; raise if the run must stop."""
+        cfg, run = self.run.cfg, self.run
+        at_log = step % cfg.log_every == 0 or step == self.end
+        at_checkpoint = step % cfg.checkpoint_every == 0 or step == self.end
+        if not (at_log or at_checkpoint or (stop_asked and not run.dist.distributed)):
+            return
+        stop = self._agree(stop_asked)
+        if at_log:
+            self._log(step)
+        if run.dist.is_main and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+            self.tracker.log_image(sample_grid(run), f"samples/step_{step:08d}.png")
+        if at_checkpoint or stop:
+            self._checkpoint(step)
+        if stop:
+            raise TrainingInterruptedError(f"stopped at step {step}: checkpoint written, rerun to resume")
+
+    def _agree(self, stop_asked: bool) -> bool:
+        """All ranks learn whether any saw a bad step or a stop request; raise on a bad step."""
+        flags = torch.stack([self.bad_step, torch.tensor(int(stop_asked), device=self.run.device)])
+        if self.run.dist.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_step, stop = flags.tolist()
+        if bad_step >= 0:
+            raise TrainingError(
+                f"the loss or gradient became NaN or inf at step {bad_step + 1}; the last good checkpoint in "
+                f"{self.run.params.paths.checkpoints} is kept: lower train.lr or use train.precision=fp32"
+            )
+        return bool(stop)
+
+    def _log(self, step: int) -> None:
+        run = self.run
+        if run.dist.distributed:
+            dist.all_reduce(self.sums)
+            self.sums /= run.dist.world_size
+        elapsed = time.perf_counter() - self.window_start
+        loss, mse, cterm = (self.sums / self.window_steps).tolist()
+        self.last = {
+            "step": step,
+            "loss": loss,
+            "mse": mse,
+            "complexity_term": cterm,
+            "lr": lr_at(step - 1, run.cfg.lr, run.cfg.warmup),
+            "grad_norm": float(self.grad_norm),
+            "images_per_s": self.window_steps * run.global_batch / elapsed,
+        }
+        if self.csv is not None:
+            self.csv.write(self.last)
+        self.tracker.log_metrics({k: v for k, v in self.last.items() if k != "step"}, step)
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.last['images_per_s']:.0f}")
+        if self.progress is not None and run.dist.is_main:
+            self.progress(step, run.cfg.steps, self.last)
+        self.sums.zero_()
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def _checkpoint(self, step: int) -> None:
+        run = self.run
+        if not run.dist.is_main:
+            return
+        state = {
+            "model_config": run.model.config.to_dict(),
+            "diffusion": run.params.diffusion.model_dump(),
+            "fingerprint": run.fingerprint,
+            "model": run.model.state_dict(),
+            "ema": run.ema.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            # The random state of step s is re-derived from (seed, rank, s), so `step` is the RNG state.
+            "rng": {"scheme": "torch.manual_seed(SeedSequence([seed, rank, step]))", "seed": run.cfg.seed},
+            "params": run.params.model_dump(mode="json"),
+            "mlflow_run_id": self.tracker.run_id,
+        }
+        save_checkpoint(Path(run.params.paths.checkpoints), step, state, run.cfg.keep_checkpoints)
+
+    def close(self, status: str, finished: bool) -> None:
+        self.bar.close()
+        if self.csv is not None:
+            self.csv.close()
+        if status != "FINISHED" or finished:
+            self.tracker.finish(status)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. The export, and the loop
+# ---------------------------------------------------------------------------------------------------------
+
+
+def export(run: Run, book: Bookkeeping) -> dict[str, Any]:
+    """Write ``model.pt`` (bit-identical for the same weights) and the ``train_run.json`` sidecar."""
+    params, out_dir = run.params, Path(run.params.paths.train)
+    model_path = out_dir / MODEL_FILE
+    save_model(
+        model_path,
+        run.model.config,
+        run.ema.module.state_dict(),
+        diffusion=params.diffusion.model_dump(),
+        step=run.cfg.steps,
+        dataset_sha256=run.dataset.manifest["sha256"],
+        source="ddim train",
+    )
+    about = {
+        "model": str(model_path),
+        "model_sha256": file_hash(model_path),
+        "weights_sha256": weights_digest(run.ema.module),
+        "mlflow_run_id": book.tracker.run_id,
+        "git_commit": git_commit(),
+        "device": str(run.device),
+        "precision": run.precision,
+        "params": params.model_dump(mode="json"),
+    }
+    write_json(about, out_dir / RUN_FILE)
+    book.tracker.log_image(sample_grid(run), f"samples/step_{run.cfg.steps:08d}.png")
+    book.tracker.log_artifact(model_path)
+    return {k: about[k] for k in ("model", "weights_sha256", "device", "precision")}
+
+
+def check_ranks_in_sync(run: Run) -> None:
+    digests: list[str | None] = [None] * run.dist.world_size
+    dist.all_gather_object(digests, weights_digest(run.model))
+    if len(set(digests)) != 1:
+        raise TrainingError("ranks ended with different weights: the DDP job is inconsistent")
 
 
 def train(
@@ -264,270 +589,34 @@ def train(
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training as configured; return a summary. ``stop_after`` ends early (tests)."""
-    cfg = params.train
-    dist_info = Dist.from_env()
-    distributed = dist_info.world_size > 1
-    device = pick_device(cfg.device, dist_info.local_rank)
-    if distributed and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    dataset = PreparedDataset(dataset_dir(params.data, params.paths))
-    if dataset.manifest["height"] != params.data.image_size:
-        raise TrainingError(
-            f"the prepared dataset is {dataset.manifest['height']} px but data.image_size is "
-            f"{params.data.image_size}: run `ddim prepare` again"
-        )
-    global_batch = cfg.batch_size * dist_info.world_size
-    steps_per_epoch = len(dataset) // global_batch
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"the dataset has {len(dataset)} images, fewer than one global batch of {global_batch} "
-            f"(train.batch_size x processes): lower train.batch_size or prepare more images"
-        )
-
-    unet_config = params.model.unet_config(params.data.image_size)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = UNet(unet_config).to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    alphas_cumprod = alphas_cumprod_for(params.diffusion).to(device)
-    alphas_cumprod_f32 = alphas_cumprod.float()
-
-    fingerprint = training_fingerprint(params, dataset.manifest["sha256"])
-    state = _load_resume_state(params, fingerprint)
-    start_step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = int(state["step"])
-
-    ddp = (
-        DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if distributed
-        else model
-    )
-    forward = torch.compile(ddp) if cfg.compile else ddp
-
-    ckpt_dir, out_dir = Path(params.paths.checkpoints), Path(params.paths.train)
-    tracker: NullTracker = NullTracker()
-    metrics_csv = None
-    if dist_info.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            for old in list_checkpoints(ckpt_dir):  # resume=never, or nothing usable: start clean
-                old.unlink()
-            (ckpt_dir / "mlflow_run_id").unlink(missing_ok=True)
-        tags = {
-            "mlflow.source.git.commit": git_commit(),
-            "dataset.sha256": dataset.manifest["sha256"],
-            "dataset.name": params.data.name,
-            "stage": "train",
-        }
-        tracker = Tracker.for_training(params.tracking, params.model_dump(mode="json"), tags, ckpt_dir)
-        write_run_id(tracker.run_id, out_dir)
-        metrics_csv = MetricsCSV(out_dir / "train_metrics.csv", start_step)
-
-    def checkpoint(step: int) -> None:
-        if not dist_info.is_main:
-            return
-        save_torch(
-            {
-                "step": step,
-                "model_config": unet_config.to_dict(),
-                "diffusion": params.diffusion.model_dump(),
-                "fingerprint": fingerprint,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                # The random state of step s is re-derived from (seed, rank, s), so `step` is the RNG state.
-                "rng": {"scheme": "torch.manual_seed(SeedSequence([seed, rank, step]))", "seed": cfg.seed},
-                "params": params.model_dump(mode="json"),
-                "mlflow_run_id": tracker.run_id,
-            },
-            ckpt_dir / f"ckpt-{step:08d}.pt",
-        )
-        for old in list_checkpoints(ckpt_dir)[: -cfg.keep_checkpoints]:
-            old.unlink()
-
-    end_step = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not dist_info.is_main)
-    sums = torch.zeros(3, device=device)  # loss, mse, complexity term, summed between log steps
-    grad_norm = torch.zeros((), device=device)
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-
-    def stop_if_nonfinite() -> None:
-        """Raise if any step so far had a NaN/inf loss (a host sync: only at log and checkpoint steps)."""
-        if bad_step.item() >= 0:
-            raise TrainingError(
-                f"the loss became NaN or inf at step {bad_step.item() + 1}; the last good checkpoint in "
-                f"{ckpt_dir} is kept: lower train.lr or use train.precision=fp32"
-            )
-
-    last = {"loss": float("nan")}
-    window_start, window_steps = time.perf_counter(), 0
-    step = start_step
-    status = "FAILED"
-    model.train()
-    ema.train()
+    run = build_run(params)
+    end = params.train.steps if stop_after is None else min(params.train.steps, stop_after)
+    book = Bookkeeping(run, end, progress)
+    done, status = run.start_step, "FAILED"
+    run.model.train()
+    run.ema.train()
     try:
         with stop_on_signals() as stop_requested:
-            while step < end_step:
-                epoch, offset = divmod(step, steps_per_epoch)
-                sampler = DistributedSampler(
-                    dataset, dist_info.world_size, dist_info.rank, shuffle=True, seed=cfg.seed, drop_last=True
-                )
-                sampler.set_epoch(epoch)
-                loader = DataLoader(
-                    dataset,
-                    batch_size=cfg.batch_size,
-                    sampler=SkipSampler(sampler, offset * cfg.batch_size),
-                    drop_last=True,
-                    num_workers=cfg.num_workers,
-                    pin_memory=device.type == "cuda",
-                )
-                for x0 in loader:
-                    torch.manual_seed(step_seed(cfg.seed, dist_info.rank, step))
-                    x0 = x0.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                    if cfg.random_flip:
-                        flip = torch.rand(x0.shape[0], device=device) < 0.5
-                        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-                    t = torch.randint(0, params.diffusion.num_train_steps, (x0.shape[0],), device=device)
-                    noise = torch.randn_like(x0)
-                    x_t = q_sample(x0, t, noise, alphas_cumprod_f32)
-                    lr = lr_at(step, cfg.lr, cfg.warmup)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        eps_pred = forward(x_t, t)
-                    squared_error, complexity_term = loss_terms(
-                        eps_pred.float(), noise, compute_complexity(x0, cfg.complexity_mode)
-                    )
-                    mse, cterm = squared_error.mean(), complexity_term.mean()
-                    loss = mse + cfg.lambda_reg * cterm
-
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    ema.update_parameters(model)
-
-                    finite = torch.isfinite(loss)
-                    bad_step = torch.where(~finite & (bad_step < 0), step, bad_step)
-                    sums += torch.stack([loss, mse, cterm]).detach()
-                    step += 1
-                    window_steps += 1
-                    bar.update(1)
-
-                    at_log = step % cfg.log_every == 0 or step == end_step
-                    if at_log:
-                        if distributed:
-                            dist.all_reduce(sums)
-                            dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
-                            sums /= dist_info.world_size
-                        stop_if_nonfinite()
-                        elapsed = time.perf_counter() - window_start
-                        values = (sums / window_steps).tolist()
-                        last = {
-                            "step": step,
-                            "loss": values[0],
-                            "mse": values[1],
-                            "complexity_term": values[2],
-                            "lr": lr,
-                            "grad_norm": float(grad_norm),
-                            "images_per_s": window_steps * global_batch / elapsed,
-                        }
-                        if metrics_csv is not None:
-                            metrics_csv.write(last)
-                        tracker.log_metrics({k: v for k, v in last.items() if k != "step"}, step)
-                        bar.set_postfix(loss=f"{last['loss']:.4f}", img_s=f"{last['images_per_s']:.0f}")
-                        if progress is not None and dist_info.is_main:
-                            progress(step, cfg.steps, last)
-                        sums.zero_()
-                        window_start, window_steps = time.perf_counter(), 0
-
-                    if dist_info.is_main and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
-                        tracker.log_image(
-                            _sample_grid(ema.module, params, alphas_cumprod, device), f"samples/step_{step:08d}.png"
-                        )
-                    stop = stop_requested.is_set()
-                    if distributed and at_log:
-                        flag = torch.tensor(float(stop), device=device)
-                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                        stop = bool(flag.item())
-                    if step % cfg.checkpoint_every == 0 or step == end_step or (stop and (at_log or not distributed)):
-                        stop_if_nonfinite()  # never checkpoint weights that a NaN has reached
-                        checkpoint(step)
-                    if stop and (at_log or not distributed):
-                        status = "KILLED"
-                        raise TrainingInterruptedError(f"stopped at step {step}: checkpoint written, rerun to resume")
-                    if step >= end_step:
-                        break
-
-        summary: dict[str, Any] = {"step": step, "resumed_from": start_step, "mlflow_run_id": tracker.run_id, **last}
-        if distributed:
-            digests: list[str | None] = [None] * dist_info.world_size
-            dist.all_gather_object(digests, weights_digest(model))
-            summary["ranks_in_sync"] = len(set(digests)) == 1
-            if not summary["ranks_in_sync"]:
-                raise TrainingError("ranks ended with different weights: the DDP job is inconsistent")
-        if dist_info.is_main and step >= cfg.steps:
-            model_path = out_dir / "model.pt"
-            save_torch(
-                {
-                    "model_config": unet_config.to_dict(),
-                    "diffusion": params.diffusion.model_dump(),
-                    "ema": ema.module.state_dict(),
-                    "step": step,
-                    "dataset_sha256": dataset.manifest["sha256"],
-                    "params": params.model_dump(mode="json"),
-                    "mlflow_run_id": tracker.run_id,
-                },
-                model_path,
-            )
-            grid = _sample_grid(ema.module, params, alphas_cumprod, device)
-            tracker.log_image(grid, f"samples/step_{step:08d}.png")
-            tracker.log_artifact(model_path)
-            summary["model"] = str(model_path)
-            summary["weights_sha256"] = weights_digest(ema.module)
+            for step, x0 in batches(run, end):
+                book.record(step, train_step(run, x0, step))
+                done = step + 1
+                book.maintain(done, stop_requested.is_set())
+        summary: dict[str, Any] = {"step": done, "resumed_from": run.start_step, **book.last}
+        summary["mlflow_run_id"] = book.tracker.run_id
+        if run.dist.distributed:
+            check_ranks_in_sync(run)
+            summary["ranks_in_sync"] = True
+        if run.dist.is_main and done >= params.train.steps:
+            summary |= export(run, book)
         status = "FINISHED"
         return summary
+    except TrainingInterruptedError:
+        status = "KILLED"
+        raise
     finally:
-        bar.close()
-        if metrics_csv is not None:
-            metrics_csv.close()
-        if status != "FINISHED" or step >= cfg.steps:
-            tracker.finish(status)
-        if distributed and dist.is_initialized():
+        book.close(status, finished=done >= params.train.steps)
+        if run.dist.distributed and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """The EMA model from ``model.pt`` (eval mode) and the file's metadata."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model = UNet(UNetConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["ema"])
-    return model.to(device).eval(), state
 
 
 def main(argv: list[str] | None = None) -> int:

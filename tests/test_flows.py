@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import cli_env
 from PIL import Image
@@ -14,6 +15,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
 from pipelines.flows import prepare_flow
+
+pytestmark = pytest.mark.integration  # DVC, Prefect servers and subprocesses
 
 DDIM = str(Path(sys.executable).with_name("ddim"))
 

@@ -34,7 +34,7 @@ RUN_BY = {
         "tests/test_flows.py::test_train_flow_single_process_and_torchrun"
     ),
     # The celebahq profile's 64 px model is too big for a test: the micro profile with data.source=folder.
-    ".venv/bin/ddim profile celebahq": "tests/test_pipeline.py::test_every_profile_is_valid",
+    ".venv/bin/ddim profile celebahq": "tests/test_config.py::test_every_profile_is_valid",
     ".venv/bin/ddim pipeline --set data.path=/datasets/celeba_hq.zip": (
         "tests/test_pipeline.py::test_ddim_pipeline_imports_a_zip_of_images"
     ),

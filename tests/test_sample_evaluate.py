@@ -18,14 +18,8 @@ from PIL import Image
 from test_train import setup_run
 
 from tasks.config import load_params
-from tasks.evaluate import (
-    EvaluationError,
-    fid_between,
-    frechet_distance,
-    install_fid_weights,
-    statistics,
-    weights_path,
-)
+from tasks.fid import EvaluationError, fid_between, frechet_distance, statistics
+from tasks.inception import InceptionError, install_fid_weights, weights_path
 from tasks.sample import run_sampling
 from tasks.train import train
 
@@ -38,7 +32,7 @@ def trained(tmp_path_factory) -> Path:
     raw = yaml.safe_load(params_file.read_text())
     raw["paths"].update(reference=str(root / "ref"), samples=str(root / "samples"), metrics=str(root / "metrics.json"))
     raw["sample"] = {"num_samples": 8, "batch_size": 8, "steps": 5, "spacing": "trailing"}
-    raw["evaluate"] = {"reference_count": 16, "batch_size": 16}
+    raw["evaluate"] = {"reference_count": 16, "batch_size": 16, "num_workers": 0}
     params_file.write_text(yaml.safe_dump(raw))
     train(load_params(params_file))
     return params_file
@@ -71,16 +65,17 @@ def test_image_i_is_the_same_for_batch_sizes_3_and_8(trained, tmp_path, sampler)
     assert not np.array_equal(images[3][0], images[3][1])
 
 
+@pytest.mark.integration
 def test_sampling_resumes_after_a_kill(trained, tmp_path):
     reference = tmp_path / "reference"
-    run_sampling(load_params(trained, ["sample.num_samples=40", "sample.batch_size=4", f"paths.samples={reference}"]))
+    run_sampling(load_params(trained, ["sample.num_samples=120", "sample.batch_size=4", f"paths.samples={reference}"]))
 
     out = tmp_path / "killed"
     script = (
         "import sys; from tasks.config import load_params; from tasks.sample import run_sampling; "
         "run_sampling(load_params(sys.argv[1], sys.argv[2:]))"
     )
-    args = [str(trained), "sample.num_samples=40", "sample.batch_size=4", f"paths.samples={out}"]
+    args = [str(trained), "sample.num_samples=120", "sample.batch_size=4", f"paths.samples={out}"]
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "images" / "000009.png").exists() and time.time() < deadline:
@@ -88,13 +83,13 @@ def test_sampling_resumes_after_a_kill(trained, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = sorted(p.name for p in (out / "images").glob("*.png"))
-    assert 0 < len(before) < 40, "killed mid-run"
+    assert 0 < len(before) < 120, "killed mid-run"
     for p in (out / "images").glob("*.png"):
         Image.open(p).load()  # every file on disk is a whole PNG
 
     stats = run_sampling(load_params(trained, args[1:]))
-    assert stats["complete"] and stats["images_generated_now"] < 40
-    np.testing.assert_array_equal(read_images(out, 40), read_images(reference, 40))
+    assert stats["complete"] and stats["images_generated_now"] < 120
+    np.testing.assert_array_equal(read_images(out, 120), read_images(reference, 120))
     assert not list((out / "images").glob(".*")), "no temporary files left"
 
 
@@ -107,6 +102,37 @@ def test_a_changed_sampling_config_starts_over(trained, tmp_path):
     )
     assert stats["images_generated_now"] == 4
     assert not np.array_equal(read_images(out, 4), first)
+
+
+def test_two_seeds_never_share_an_images_noise(trained, tmp_path):
+    # With seed + i, seed 1's image 0 was seed 0's image 1 (eta 0: the same image).
+    common = ["sample.num_samples=2", "sample.batch_size=2", "sample.eta=0.0"]
+    run_sampling(load_params(trained, [*common, "sample.seed=0", f"paths.samples={tmp_path / 'seed0'}"]))
+    run_sampling(load_params(trained, [*common, "sample.seed=1", f"paths.samples={tmp_path / 'seed1'}"]))
+    seed0, seed1 = read_images(tmp_path / "seed0", 2), read_images(tmp_path / "seed1", 2)
+    assert not np.array_equal(seed1[0], seed0[1]) and not np.array_equal(seed1[1], seed0[0])
+
+
+def test_a_complete_rerun_changes_no_file_even_on_another_device_setting(trained, tmp_path):
+    out = tmp_path / "s"
+    overrides = [f"paths.samples={out}", "sample.num_samples=4", "sample.batch_size=4"]
+    first = run_sampling(load_params(trained, overrides))
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()}
+    again = run_sampling(load_params(trained, [*overrides, "sample.device=cpu"]))  # runtime keys make no new images
+    assert again == first
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()} == files
+
+
+@pytest.mark.slow  # Inception on the CPU
+def test_evaluate_describes_the_images_it_scored_not_the_current_params(trained, tmp_path):
+    from tasks.evaluate import evaluate_samples
+    from tasks.reference import compute_reference
+
+    overrides = [f"paths.samples={tmp_path / 's'}", f"paths.metrics={tmp_path / 'm.json'}", "sample.steps=5"]
+    run_sampling(load_params(trained, overrides))
+    compute_reference(load_params(trained))
+    metrics = evaluate_samples(load_params(trained, [*overrides[:2], "sample.steps=7", "sample.eta=0.3"]))
+    assert (metrics["steps"], metrics["eta"]) == (5, 0.0)
 
 
 # ----- FID
@@ -152,6 +178,7 @@ def shapes_folder(folder: Path, seed: int, n: int = 12) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_fid_agrees_with_the_pytorch_fid_cli_and_is_zero_against_itself(tmp_path):
     a = shapes_folder(tmp_path / "a", seed=0)
     b = shapes_folder(tmp_path / "b", seed=1)
@@ -171,7 +198,7 @@ def test_fid_agrees_with_the_pytorch_fid_cli_and_is_zero_against_itself(tmp_path
 
 
 def test_missing_weights_name_the_fix(tmp_path, monkeypatch):
-    from tasks import evaluate
+    from tasks import inception
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
 
@@ -179,13 +206,14 @@ def test_missing_weights_name_the_fix(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr("pytorch_fid.inception.load_state_dict_from_url", offline)
-    with pytest.raises(EvaluationError, match="run `ddim fid-weights`"):
-        evaluate.load_inception()
+    with pytest.raises(InceptionError, match="run `ddim fid-weights`"):
+        inception.load_inception()
 
 
 # ----- the three stages through their flows
 
 
+@pytest.mark.integration
 def test_sample_reference_evaluate_flows(prefect_server, trained):
     from pipelines.flows import evaluate_flow, reference_flow, sample_flow
 
@@ -194,7 +222,11 @@ def test_sample_reference_evaluate_flows(prefect_server, trained):
     state = evaluate_flow(params_file=str(trained), return_state=True)
     assert state.is_completed()
     metrics = json.loads((trained.parent / "metrics.json").read_text())
-    assert set(metrics) == {"fid", "num_samples", "sampler", "steps", "eta", "spacing", "nfe", "reference_count"}
+    assert set(metrics) == {
+        *("fid", "num_samples", "sampler", "steps", "eta", "spacing", "nfe", "reference_count"),
+        *("precision", "device"),
+    }
+    assert (metrics["precision"], metrics["device"]) == ("fp32", "cpu"), "what auto resolved to, not auto"
     assert metrics["num_samples"] == 8 and metrics["reference_count"] == 16 and metrics["fid"] > 0
 
     params = load_params(trained)

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import cli_env
 from mlflow.tracking import MlflowClient
 
+from models.unet import UNet
+from tasks.checkpoint import load_model
 from tasks.config import ConfigError, load_params
 from tasks.data import prepare_dataset
-from tasks.train import TrainingError, load_model, train
+from tasks.train import TrainingError, train
 
 BIN = Path(sys.executable).parent
 
@@ -112,6 +115,7 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path, mlflow_uri):
     assert a["weights_sha256"] == b["weights_sha256"]
 
 
+@pytest.mark.integration
 def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, mlflow_uri):
     reference = run_train(setup_run(tmp_path / "ref", mlflow_uri))
     assert reference.returncode == 0, reference.stderr
@@ -151,6 +155,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, mlflow_uri):
     ]
 
 
+@pytest.mark.integration
 def test_sigterm_writes_a_checkpoint_and_exits_non_zero(tmp_path, mlflow_uri):
     params = setup_run(tmp_path, mlflow_uri, steps=100000, checkpoint_every=100000, log_every=1)
     proc = subprocess.Popen(
@@ -175,6 +180,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_non_zero(tmp_path, mlflow_uri):
     assert torch.load(saved[0], weights_only=True)["step"] >= 3
 
 
+@pytest.mark.integration
 def test_torchrun_two_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, mlflow_uri):
     params = setup_run(tmp_path, mlflow_uri, steps=6, batch_size=8, log_every=3, checkpoint_every=3)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -201,13 +207,99 @@ def test_torchrun_two_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, mlflow_
 
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, mlflow_uri):
     params = load_params(setup_run(tmp_path, mlflow_uri, steps=40, checkpoint_every=2, log_every=2, lr=1e30, warmup=0))
-    with pytest.raises(TrainingError, match=r"NaN or inf at step \d+"):
+    with pytest.raises(TrainingError, match=r"loss or gradient became NaN or inf at step \d+"):
         train(params)
     for path in (tmp_path / "ckpt").glob("ckpt-*.pt"):
         state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
+def test_a_nan_gradient_on_a_checkpoint_step_is_never_checkpointed(tmp_path, mlflow_uri, monkeypatch):
+    # The loss of step 8 is finite, its gradient is not: the weights after step 8 are NaN, and step 8 is a
+    # checkpoint step. Checking the loss alone would write them as the newest checkpoint.
+    class NaNGradientAtStep8(UNet):
+        def __init__(self, config):
+            super().__init__(config)
+            self.backward_calls = 0
+            self.conv_out.bias.register_hook(self._poison)
+
+        def _poison(self, grad):
+            self.backward_calls += 1
+            return grad * float("nan") if self.backward_calls == 8 else grad
+
+    monkeypatch.setattr("tasks.train.UNet", NaNGradientAtStep8)
+    params = load_params(setup_run(tmp_path, mlflow_uri, steps=20, log_every=10, checkpoint_every=4))
+    with pytest.raises(TrainingError, match="NaN or inf at step 8"):
+        train(params)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*.pt")) == ["ckpt-00000004.pt"]
+    state = torch.load(tmp_path / "ckpt" / "ckpt-00000004.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+@pytest.mark.integration
+def test_a_nan_that_only_rank_1_sees_stops_every_rank_before_the_next_checkpoint(tmp_path, mlflow_uri):
+    params = setup_run(tmp_path, mlflow_uri, steps=12, batch_size=8, log_every=100, checkpoint_every=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    helper = Path(__file__).with_name("nan_on_one_rank.py")
+    out = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", str(helper), "6", "--params", str(params)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert out.returncode != 0
+    message = "ddim train: error: the loss or gradient became NaN or inf at step 6"
+    assert out.stderr.count(message) == 2, f"both ranks stop at the same step:\n{out.stderr[-3000:]}"
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*.pt")) == ["ckpt-00000004.pt"]
+
+
+def test_model_pt_holds_only_the_model_and_a_rerun_rewrites_the_same_bytes(tmp_path, mlflow_uri):
+    params_file = setup_run(tmp_path, mlflow_uri, steps=10)
+    first = train(load_params(params_file))
+    model_pt = tmp_path / "out" / "model.pt"
+    state = torch.load(model_pt, weights_only=True)
+    assert set(state) == {"format_version", "model_config", "ema", "diffusion", "step", "dataset_sha256", "source"}
+    run = json.loads((tmp_path / "out" / "train_run.json").read_text())
+    assert run["mlflow_run_id"] == first["mlflow_run_id"] and run["params"]["train"]["log_every"] == 5
+    assert (run["device"], run["precision"]) == ("cpu", "fp32"), "what auto resolved to, not auto"
+    tags = MlflowClient(tracking_uri=mlflow_uri).get_run(first["mlflow_run_id"]).data.tags
+    assert (tags["device"], tags["precision"]) == ("cpu", "fp32")
+
+    before = model_pt.read_bytes()
+    model_pt.unlink()  # as `dvc repro` does before it reruns the stage
+    again = train(load_params(params_file, ["train.log_every=2", "train.num_workers=1", "train.checkpoint_every=3"]))
+    assert again["resumed_from"] == 10 and again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert model_pt.read_bytes() == before, "a settings change that cannot change the model leaves model.pt as it was"
+
+
+@pytest.mark.integration
+def test_sigterm_to_ddim_train_with_data_workers_checkpoints_and_says_so(tmp_path, mlflow_uri):
+    params = setup_run(tmp_path, mlflow_uri, steps=100000, checkpoint_every=100000, log_every=1, num_workers=2)
+    proc = subprocess.Popen(
+        [str(BIN / "ddim"), "train", "--params", str(params)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    csv_path = tmp_path / "out" / "train_metrics.csv"
+    while not (csv_path.exists() and len(csv_path.read_text().splitlines()) > 3) and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, workers included, as DVC and Ctrl-C do
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("ddim train: error: stopped at step"), err[-3000:]
+    assert "Traceback" not in err
+    (saved,) = (tmp_path / "ckpt").glob("ckpt-*.pt")
+    assert torch.load(saved, weights_only=True)["step"] >= 3
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -243,7 +335,18 @@ def test_more_steps_resume_but_a_changed_recipe_starts_over(tmp_path, mlflow_uri
     assert changed["resumed_from"] == 0 and changed["mlflow_run_id"] != first["mlflow_run_id"]
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow  # compiling takes about 40 s on 2 CPU cores
+def test_train_compile_compiles_the_step_and_learns_what_eager_learns(tmp_path, mlflow_uri):
+    params_file = setup_run(tmp_path, mlflow_uri, steps=6, log_every=3, checkpoint_every=3)
+    compiled = train(load_params(params_file, ["train.compile=true"]))
+    compiled_rows = metrics_rows(tmp_path)
+    eager = train(load_params(params_file, ["train.resume=never"]))
+    for a, b in zip(compiled_rows, metrics_rows(tmp_path), strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-2)
+    assert compiled["step"] == eager["step"] == 6
+
+
+@pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])  # fp16 is slow on CPUs
 def test_mixed_precision_trains_on_cpu(tmp_path, mlflow_uri, precision):
     summary = train(load_params(setup_run(tmp_path, mlflow_uri, steps=3, log_every=1, precision=precision)))
     assert summary["step"] == 3 and 0 < summary["loss"] < 10

@@ -1,0 +1,109 @@
+"""The Prefect API that one `ddim` command reports to: ``PREFECT_API_URL`` if set, else a temporary server.
+
+Prefect's own temporary server (its "ephemeral mode") is a child process in the command's process group, so
+a signal to the group (Ctrl-C, or DVC or a Prefect worker stopping the command) kills it together with the
+stage, and the stage can no longer report how it ended: it hangs in retries or crashes instead of stopping
+cleanly. If the command itself is killed outright, that server outlives it, forever.
+
+:func:`use_prefect_api` starts the same server (uvicorn on 127.0.0.1, no UI) in a session of its own, so group
+signals leave it to the command, and asks the kernel to stop it when the command's process dies, however it
+dies (Linux's ``PR_SET_PDEATHSIG``; elsewhere Prefect's own mode is used). The command stops it as it exits.
+Commands started inside (``dvc repro`` running the stages) inherit ``PREFECT_API_URL`` and share the server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from tasks.errors import UserError
+
+PR_SET_PDEATHSIG = 1
+
+
+class PrefectServerError(UserError):
+    """The temporary Prefect server would not start."""
+
+
+def _own_session_tied_to_parent(parent: int) -> None:
+    """In the child, before exec: a new session, and SIGTERM when the parent dies."""
+    os.setsid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env.pop("PREFECT_API_URL", None)
+    parent = os.getpid()
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: _own_session_tied_to_parent(parent),
+    )
+
+
+def _wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            if response.status == 200:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def use_prefect_api() -> str | None:
+    """Point this command (and every command it starts) at ``PREFECT_API_URL``, or at a temporary server.
+
+    Call it before Prefect is imported: Prefect reads ``PREFECT_API_URL`` once, when it starts. The server is
+    stopped when the interpreter exits, after Prefect's own exit handlers (registered later, so run earlier)
+    have sent their last logs and events to it.
+    """
+    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
+        return os.environ.get("PREFECT_API_URL")
+    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 20))
+    for _ in range(3):  # another process may take the free port before the server binds it
+        port = _free_port()
+        process = _start_server(port)
+        url = f"http://127.0.0.1:{port}/api"
+        if _wait_healthy(process, url, timeout):
+            break
+        _stop(process)
+    else:
+        raise PrefectServerError(
+            f"the temporary Prefect server did not start in {timeout:g} s: raise "
+            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running server (make ui)"
+        )
+    atexit.register(_stop, process)
+    os.environ["PREFECT_API_URL"] = url
+    return url

@@ -1,0 +1,154 @@
+"""FID as pytorch-fid computes it: Inception features of image files or arrays, statistics, the distance.
+
+Images go in as pytorch-fid's CLI reads them (uint8 RGB scaled to [0, 1]); its ``InceptionV3``
+(``tasks/inception.py``) resizes to 299 x 299 and maps to [-1, 1]. Features are computed in fp32, batched,
+under ``torch.inference_mode``. Statistics files are ``.npz`` with pytorch-fid's keys ``mu`` and ``sigma``
+(plus ``count``), so ``python -m pytorch_fid`` reads ours and ``ddim evaluate A B`` reads its.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.config import Params
+from tasks.errors import UserError
+from tasks.files import atomic_path
+from tasks.inception import DIMS, load_inception
+
+FID_IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid's list
+
+
+class EvaluationError(UserError):
+    """FID cannot be computed from these inputs."""
+
+
+class ImageFiles(Dataset):
+    """Image files as pytorch-fid's CLI reads them: RGB, ``[3, H, W]`` float in [0, 1]."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i]) as img:
+            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class UInt8Images(Dataset):
+    """An array of uint8 ``[N, H, W, 3]`` images (a prepared dataset), the same way."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1).float().div_(255.0)
+
+
+def list_images(folder: Path) -> list[Path]:
+    files = sorted(p for ext in FID_IMAGE_EXTENSIONS for p in Path(folder).glob(f"*.{ext}"))
+    if not files:
+        raise EvaluationError(f"no images in {folder}")
+    return files
+
+
+def inception_features(
+    dataset: Dataset, model: torch.nn.Module, batch_size: int = 200, num_workers: int = 0, progress: bool = True
+) -> np.ndarray:
+    """``[N, 2048]`` float64 pool3 features of every image in ``dataset``."""
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+    out = np.empty((len(dataset), DIMS), dtype=np.float64)
+    i = 0
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress, leave=False):
+            x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            feats = model(x)[0].flatten(1).double().cpu().numpy()
+            out[i : i + len(feats)] = feats
+            i += len(feats)
+    return out
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` as pytorch-fid computes them (``np.cov`` with ``rowvar=False``)."""
+    if len(features) < 2:
+        raise EvaluationError(f"FID needs at least 2 images, got {len(features)}")
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """pytorch-fid's Frechet distance (it adds a small offset to the covariances when their product is singular)."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def warn_if_biased(count: int) -> None:
+    if count < DIMS:
+        warnings.warn(
+            f"FID from {count} images (< {DIMS}) is biased upwards and comparable only at equal image counts",
+            stacklevel=2,
+        )
+
+
+def save_stats(mu: np.ndarray, sigma: np.ndarray, path: Path, **meta: Any) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in meta.items()})
+
+
+def load_stats(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    if not Path(path).is_file():
+        raise EvaluationError(f"reference statistics {path} not found: run `ddim reference` first")
+    with np.load(path) as f:
+        return f["mu"][:], f["sigma"][:], int(f["count"]) if "count" in f else None
+
+
+def stats_of(
+    path: Path, model: torch.nn.Module, batch_size: int, num_workers: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(mu, sigma, count)`` of an ``.npz`` with pytorch-fid's keys or of a folder of images."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        mu, sigma, count = load_stats(path)
+        return mu, sigma, count or 0
+    if not path.is_dir():
+        raise EvaluationError(f"{path} is neither a folder of images nor an .npz of statistics")
+    feats = inception_features(ImageFiles(list_images(path)), model, batch_size, num_workers)
+    mu, sigma = statistics(feats)
+    return mu, sigma, len(feats)
+
+
+def fid_between(
+    paths: Iterable[Path], device: str = "cpu", batch_size: int = 200, num_workers: int = 0
+) -> dict[str, Any]:
+    """FID between two folders and/or ``.npz`` files, like ``python -m pytorch_fid P1 P2``."""
+    p1, p2 = list(paths)
+    model = load_inception(device)
+    mu1, s1, n1 = stats_of(p1, model, batch_size, num_workers)
+    mu2, s2, n2 = stats_of(p2, model, batch_size, num_workers)
+    for n in (n1, n2):
+        if n:
+            warn_if_biased(n)
+    return {"fid": frechet_distance(mu1, s1, mu2, s2), "count_1": n1, "count_2": n2}
+
+
+def reference_path(params: Params) -> Path:
+    return Path(params.paths.reference) / f"{params.data.name}.npz"

@@ -1,0 +1,113 @@
+"""The config: one home for every default, profiles as overlays, params.yaml rendered from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.diffusion import BetaSchedule, ComplexityMode, Spacing
+from models.unet import UNetConfig
+from pipelines.cli import PARAMS_HEADER, main
+from tasks.config import (
+    ConfigError,
+    DiffusionConfig,
+    ModelConfig,
+    Params,
+    SampleConfig,
+    TrainConfig,
+    load_params,
+    profile_names,
+    profile_params,
+    render_params,
+)
+from tasks.train import RESUMABLE_ACROSS
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ROOT / "profiles"
+
+
+def leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out |= leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+    return out
+
+
+def test_the_committed_params_yaml_is_what_ddim_profile_demo_writes():
+    expected = render_params(profile_params("demo", PROFILES), PARAMS_HEADER.format(name="demo"))
+    assert (ROOT / "params.yaml").read_text() == expected, "run `ddim profile demo` after changing the defaults"
+
+
+@pytest.mark.parametrize("profile", profile_names(PROFILES))
+def test_every_profile_is_valid(profile):
+    params = profile_params(profile, PROFILES)
+    params.model.unet_config(params.data.image_size)
+
+
+@pytest.mark.parametrize("profile", profile_names(PROFILES))
+def test_profiles_hold_only_what_differs_from_the_defaults_and_render_completely(profile, tmp_path):
+    overlay = leaves(yaml.safe_load((PROFILES / f"{profile}.yaml").read_text()) or {})
+    defaults = leaves(Params().model_dump(mode="json"))
+    assert [key for key, value in overlay.items() if defaults[key] == value] == []
+    rendered = tmp_path / "params.yaml"
+    rendered.write_text(render_params(profile_params(profile, PROFILES), "header"))
+    assert set(leaves(yaml.safe_load(rendered.read_text()))) == set(defaults), "every key, every section"
+    assert load_params(rendered) == profile_params(profile, PROFILES)
+
+
+def test_the_defaults_are_ddpms_cifar10_setup():
+    p = Params()
+    assert p.model.unet_config(p.data.image_size) == UNetConfig.ddpm_cifar10()
+    assert (p.data.source, p.train.batch_size, p.train.lr, p.train.ema_decay, p.train.steps) == (
+        "cifar10",
+        128,
+        2e-4,
+        0.9999,
+        800_000,
+    )
+    assert (p.sample.spacing, p.sample.num_samples, p.sample.steps) == ("quad", 50_000, 100)
+    assert profile_params("cifar10", PROFILES) == p
+
+
+def test_the_model_section_is_made_from_unet_config():
+    fields = {f.name: f.default for f in dataclasses.fields(UNetConfig)}
+    section = ModelConfig.model_fields
+    assert set(section) == set(fields) - {"image_size", "in_channels", "out_channels"}
+    assert {name: f.default for name, f in section.items()} == {name: fields[name] for name in section}
+
+
+def test_closed_choices_come_from_models():
+    assert DiffusionConfig.model_fields["schedule"].annotation == BetaSchedule
+    assert SampleConfig.model_fields["spacing"].annotation == Spacing
+    assert TrainConfig.model_fields["complexity_mode"].annotation == ComplexityMode
+    assert SampleConfig.model_fields["complexity_mode"].annotation == ComplexityMode
+
+
+def test_runtime_keys_are_resumable_and_not_result_keys():
+    runtime = set(TrainConfig.model_fields) - set(TrainConfig.result_keys())
+    assert runtime == {
+        *("device", "num_workers", "log_every", "sample_every", "sample_steps"),
+        *("checkpoint_every", "keep_checkpoints", "resume"),
+    }
+    assert runtime < RESUMABLE_ACROSS
+
+
+def test_ddim_profile_prints_or_writes_and_refuses_unknown_profiles(tmp_path, capsys):
+    assert main(["profile", "cifar10-ch64", "--profiles", str(PROFILES), "--params", "-"]) == 0
+    printed = capsys.readouterr().out
+    assert "  ch: 64 " in printed and printed.startswith("# Every hyperparameter")
+    target = tmp_path / "params.yaml"
+    assert main(["profile", "cifar10-ch64", "--profiles", str(PROFILES), "--params", str(target)]) == 0
+    assert target.read_text() == printed
+    assert main(["profile", "nope", "--profiles", str(PROFILES), "--params", str(target)]) == 1
+    assert "choose one of celebahq, cifar10, cifar10-ch64, demo" in capsys.readouterr().err
+    assert target.read_text() == printed, "a failed switch leaves params.yaml alone"
+
+
+def test_a_bad_profile_names_itself(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"invalid profile bad: train.lr: Input should be greater than 0"):
+        profile_params("bad", tmp_path)
