@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 BetaSchedule = Literal["linear", "cosine"]
-Spacing = Literal["uniform", "quad", "trailing"]
+Spacing = Literal["uniform", "quad", "linspace", "trailing"]
 ComplexityMode = Literal["design", "scaled"]
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: One generator for the whole batch, or one per sample (then sample i's noise never depends on the batch).
@@ -148,16 +148,19 @@ def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: Spacing = "uni
     """The S timesteps tau_S > ... > tau_1 that a DDIM sampler visits, descending, as a LongTensor.
 
     - ``"uniform"``: ``k * (T // S)`` for ``k = 0..S-1``, the DDIM repository's ``range(0, T, T // S)``
-      truncated to S entries when ``S`` does not divide ``T``. Starts below ``T - 1`` (900 for T=1000, S=10).
+      truncated to S entries when ``S`` does not divide ``T`` (diffusers' ``"leading"``). Starts below
+      ``T - 1`` (900 for T=1000, S=10).
     - ``"quad"``: the DDIM paper's quadratic spacing (used for its CIFAR-10 table):
       ``int(linspace(0, sqrt(0.8 T), S) ** 2)``. For large S the small values repeat (S=100 gives 0 four
       times); a repeated timestep is an exact identity step (alpha_t = alpha_prev, so sigma = 0 and
       x_prev = x_t) that still costs a model call, so repeats are dropped and fewer than S may come back.
-    - ``"trailing"``: S steps evenly spaced from ``T - 1`` down to 0, rounded (Lin et al. 2024): the first
-      step starts from the noisiest timestep. For S = 1 it is ``[T - 1]``.
+    - ``"linspace"``: S steps evenly spaced from ``T - 1`` down to 0, rounded (diffusers' ``"linspace"``):
+      T=1000, S=10 gives 999, 888, ..., 111, 0. For S = 1 it is ``[T - 1]`` (diffusers gives ``[0]``).
+    - ``"trailing"``: Lin et al. (2024), ``round(T - k T / S) - 1`` for ``k = 0..S-1`` (diffusers'
+      ``"trailing"``): T=1000, S=10 gives 999, 899, ..., 99. It starts at the noisiest timestep and does not
+      end at 0.
 
-    Every sequence ends at 0 (except trailing with S = 1); samplers take one more step from there to
-    alpha_prev = 1, the clean image.
+    Samplers take one more step after the last timestep, to alpha_prev = 1: the clean image.
     """
     _check_choice("spacing", spacing, Spacing)
     T, S = num_train_steps, num_steps
@@ -167,6 +170,8 @@ def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: Spacing = "uni
         seq = np.arange(S) * (T // S)
     elif spacing == "quad":
         seq = np.unique((np.linspace(0, np.sqrt(T * 0.8), S) ** 2).astype(np.int64))
+    elif spacing == "trailing":
+        seq = (np.round(T - np.arange(S) * (T / S)).astype(np.int64) - 1)[::-1]
     elif S == 1:
         seq = np.array([T - 1])
     else:

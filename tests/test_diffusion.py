@@ -130,7 +130,8 @@ def test_q_sample_is_exact_per_sample_timestep(alphas_cumprod):
     [
         ("uniform", [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]),
         ("quad", [800, 632, 483, 355, 246, 158, 88, 39, 9, 0]),
-        ("trailing", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),
+        ("linspace", [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]),
+        ("trailing", [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]),
     ],
 )
 def test_ddim_timesteps_exact(spacing, expected):
@@ -139,16 +140,30 @@ def test_ddim_timesteps_exact(spacing, expected):
     assert ts.tolist() == expected
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "quad", "trailing"])
+@pytest.mark.parametrize("spacing", ["uniform", "quad", "linspace", "trailing"])
 @pytest.mark.parametrize("steps", [2, 7, 20, 50, 100, 333, 1000])
 def test_ddim_timesteps_properties(spacing, steps):
     ts = ddim_timesteps(T, steps, spacing)
-    assert ts[-1] == 0 and ts[0] < T
+    assert ts[0] < T and ts[-1] >= 0
+    assert (ts[-1] == 0) == (spacing != "trailing" or steps == T), "trailing stops at T/S - 1"
+    assert (ts[0] == T - 1) == (spacing in ("linspace", "trailing") or (spacing == "uniform" and steps == T))
     assert bool((ts[:-1] > ts[1:]).all()), "strictly descending"
     if spacing == "quad":
         assert len(ts) <= steps  # repeated small timesteps are dropped
     else:
         assert len(ts) == steps
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [("uniform", "leading"), ("linspace", "linspace"), ("trailing", "trailing")]
+)
+@pytest.mark.parametrize("steps", [2, 3, 7, 10, 20, 50, 100, 333, 999])
+def test_ddim_timesteps_match_diffusers(ours, theirs, steps):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=T, timestep_spacing=theirs, steps_offset=0)
+    scheduler.set_timesteps(steps)
+    assert ddim_timesteps(T, steps, ours).tolist() == scheduler.timesteps.tolist()
 
 
 def test_ddim_timesteps_quad_matches_the_ddim_repository_at_s100():
@@ -157,7 +172,7 @@ def test_ddim_timesteps_quad_matches_the_ddim_repository_at_s100():
 
 
 def test_ddim_timesteps_rejects_bad_input():
-    with pytest.raises(ValueError, match="allowed: uniform, quad, trailing"):
+    with pytest.raises(ValueError, match="allowed: uniform, quad, linspace, trailing"):
         ddim_timesteps(T, 10, "linear")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_steps"):
         ddim_timesteps(T, 0)
@@ -466,11 +481,11 @@ def test_training_losses_under_autocast_compute_the_loss_in_float32(alphas_cumpr
 # ----- adaptive sampler
 
 
-def test_adaptive_with_fixed_stride_equals_trailing_ddim(alphas_cumprod):
+def test_adaptive_with_fixed_stride_equals_linspace_ddim(alphas_cumprod):
     model = gaussian_oracle(alphas_cumprod, mu=0.1, s=0.7)
     x_T = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out, nfe = adaptive_ddim_sample(model, x_T, alphas_cumprod, base_step_size=1.0, min_step=111, max_step=111)
-    ref = ddim_sample(model, x_T, alphas_cumprod, ddim_timesteps(T, 10, "trailing"))
+    ref = ddim_sample(model, x_T, alphas_cumprod, ddim_timesteps(T, 10, "linspace"))
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     assert nfe.tolist() == [10] * 6
 
