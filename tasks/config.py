@@ -120,8 +120,13 @@ _FROM_DATA = ("image_size", "in_channels", "out_channels")
 
 
 class _ModelSection(Section):
+    pretrained: str | None = Field(
+        None, description="import these weights instead of training: hub id, https URL, diffusers folder or file"
+    )
+
     def unet_config(self, image_size: int, in_channels: int = 3) -> UNetConfig:
-        return UNetConfig(image_size=image_size, in_channels=in_channels, **self.model_dump())
+        shape = self.model_dump(exclude={"pretrained"})
+        return UNetConfig(image_size=image_size, in_channels=in_channels, **shape)
 
 
 def _model_section() -> type[_ModelSection]:
@@ -189,7 +194,7 @@ class SampleConfig(Section):
     sampler: Literal["ddim", "adaptive"] = Field("ddim", description="ddim | adaptive (the design's sampler)")
     steps: int = Field(100, ge=1, description="ddim: number of timesteps")
     eta: float = Field(0.0, ge=0, description="0: deterministic DDIM; 1: DDPM-like")
-    spacing: Spacing = Field("quad", description="ddim: uniform | quad (DDIM's CIFAR-10 table) | trailing")
+    spacing: Spacing = Field("quad", description="ddim: uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing")
     clip_x0: bool = Field(True, description="clamp each x0 prediction to [-1, 1]")
     seed: int = Field(0, description="image i's noise comes from (seed, i), whatever the batch size")
     base_step_size: float = Field(2.0, gt=0, description="adaptive: stride = clamp(base / complexity(x0), min, max)")
