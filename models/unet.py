@@ -7,10 +7,15 @@ concatenated onto the expansive path at every level) in the form of DDPM (Ho et 
 - residual blocks: GroupNorm -> SiLU -> conv3x3, the time embedding added, GroupNorm -> SiLU -> dropout ->
   conv3x3, with a 1x1 convolution on the shortcut when the channel count changes;
 - single-head self-attention at the resolutions named in ``attn_resolutions``;
-- stride-2 convolutions to go down a level, nearest-neighbour upsampling + conv3x3 to go up one.
+- stride-2 convolutions to go down a level (padded as TensorFlow's 'SAME': right and bottom only),
+  nearest-neighbour upsampling + conv3x3 to go up one;
+- DDPM's initialisation (:meth:`UNet.reset_parameters`).
 
-The network knows nothing about the noise schedule: ``t`` is only an integer (or real) index that is embedded.
-With the DDPM CIFAR-10 config (``UNetConfig.ddpm_cifar10()``) it has 35.7M parameters, the paper's count.
+Numerically it is DDPM's network: with the same weights it gives the eps of diffusers' ``UNet2DModel`` for
+google/ddpm-cifar10-32 (``tests/test_unet.py``), and ``models/weights.py`` maps that model's and the
+original DDPM checkpoints' weights onto it. The network knows nothing about the noise schedule: ``t`` is
+only an integer (or real) index that is embedded. With the DDPM CIFAR-10 config
+(``UNetConfig.ddpm_cifar10()``) it has 35.7M parameters, the paper's count.
 """
 
 from __future__ import annotations
@@ -194,12 +199,15 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """A stride-2 conv3x3 with TensorFlow's 'SAME' padding, as DDPM's network was trained: on an even input
+    that pads one pixel on the right and bottom only (PyTorch's ``padding=1`` would pad all four sides)."""
+
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -276,6 +284,25 @@ class UNet(nn.Module):
 
         self.norm_out = _norm(width, g)
         self.conv_out = nn.Conv2d(width, c.output_channels, 3, padding=1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DDPM's initialisation: every convolution and linear layer Glorot-uniform (TF's
+        ``variance_scaling(1, "fan_avg", "uniform")``; q, k and v each on its own) with zero biases, and zeros
+        for the layers that end a residual branch (each block's second conv, the attention output
+        projection) and for the output conv, so every block starts as the identity and the network as 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():  # after the loop above, which also reaches these layers
+            if isinstance(module, ResBlock):
+                nn.init.zeros_(module.conv2.weight)
+            if isinstance(module, AttnBlock):
+                for weight in module.qkv.weight.chunk(3):
+                    nn.init.xavier_uniform_(weight)
+                nn.init.zeros_(module.proj_out.weight)
+        nn.init.zeros_(self.conv_out.weight)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if t.ndim != 1 or t.shape[0] != x.shape[0]:

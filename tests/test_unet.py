@@ -13,8 +13,13 @@ TINY = UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_r
 
 
 def tiny_model(seed: int = 0, config: UNetConfig = TINY) -> UNet:
+    """A model with every weight random: DDPM's initialisation zeroes the output, which would hide bugs."""
     torch.manual_seed(seed)
-    return UNet(config)
+    model = UNet(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
 
 
 def inputs(batch: int = 2, config: UNetConfig = TINY) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,13 +45,13 @@ def test_output_shape_and_out_channels():
     assert tiny_model()(x, t).shape == x.shape
     config = UNetConfig(**{**TINY.to_dict(), "in_channels": 1, "out_channels": 2})
     x1, t1 = inputs(2, config)
-    assert UNet(config)(x1, t1).shape == (2, 2, 16, 16)
+    assert tiny_model(config=config)(x1, t1).shape == (2, 2, 16, 16)
 
 
 def test_non_square_channel_counts_and_three_levels():
     config = UNetConfig(image_size=32, ch=32, ch_mult=(1, 2, 3), num_res_blocks=2, attn_resolutions=(8, 32))
     x, t = inputs(1, config)
-    assert UNet(config)(x, t).shape == x.shape
+    assert tiny_model(config=config)(x, t).shape == x.shape
 
 
 def test_eval_mode_is_deterministic_and_dropout_acts_in_train_mode():
@@ -75,6 +80,25 @@ def test_every_parameter_gets_a_gradient():
     model(x, t).square().mean().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+def test_ddpm_initialisation_starts_every_block_as_the_identity_and_the_output_at_zero():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig.ddpm_cifar10(ch=32))
+    x, t = inputs(2, model.config)
+    assert torch.equal(model(x, t), torch.zeros_like(x))
+    zero = [n for n, p in model.named_parameters() if n.endswith("weight") and not p.any()]
+    assert set(zero) == {
+        *(n for n, _ in model.named_parameters() if n.endswith(("conv2.weight", "proj_out.weight"))),
+        "conv_out.weight",
+    }
+    assert all(not p.any() for n, p in model.named_parameters() if n.endswith("bias"))
+    # Glorot uniform: U(-b, b) with b = sqrt(6 / (fan_in + fan_out)); q, k and v each on their own.
+    w = model.down[1].blocks[0].conv1.weight  # [64, 32, 3, 3]
+    bound = (6 / (32 * 9 + 64 * 9)) ** 0.5
+    assert w.abs().max() <= bound and w.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    q = model.mid_attn.qkv.weight[:64]  # [64, 64, 1, 1]
+    assert q.abs().max() <= (6 / 128) ** 0.5 and q.abs().max() > 0.9 * (6 / 128) ** 0.5
 
 
 def test_rejects_a_bad_timestep_shape():

@@ -1,0 +1,145 @@
+"""Our U-Net is numerically DDPM's: against diffusers' UNet2DModel with google/ddpm-cifar10-32's config, and the
+original DDPM checkpoint layout, each mapped onto ours by models/weights.py."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from models.unet import UNet, UNetConfig
+from models.weights import WeightsError, convert_state_dict, ddpm_config_from_state_dict, unet_config_from_diffusers
+
+# google/ddpm-cifar10-32's config.json (the settings that matter; the rest are UNet2DModel's defaults).
+DDPM_CIFAR10 = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": [128, 256, 256, 256],
+    "layers_per_block": 2,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "attention_head_dim": None,
+}
+
+
+@pytest.fixture(scope="module")
+def diffusers_ddpm():
+    """diffusers' DDPM CIFAR-10 network with random weights everywhere (its default init zeroes nothing)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = UNet2DModel(**DDPM_CIFAR10).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def eps_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, 32, 32, generator=g, dtype=dtype), torch.tensor([0, 417, 999])
+
+
+def ours_from(state: dict, layout: str, config: UNetConfig, dtype: torch.dtype) -> UNet:
+    model = UNet(config)
+    model.load_state_dict(convert_state_dict(state, config, layout))
+    return model.to(dtype).eval()
+
+
+def test_the_diffusers_config_is_ddpm_cifar10(diffusers_ddpm):
+    config = unet_config_from_diffusers(dict(diffusers_ddpm.config))
+    assert config == UNetConfig(**{**UNetConfig.ddpm_cifar10().to_dict(), "dropout": 0.0})
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_same_eps_as_diffusers_unet2dmodel(diffusers_ddpm, dtype, tolerance):
+    config = unet_config_from_diffusers(dict(diffusers_ddpm.config))
+    ours = ours_from(diffusers_ddpm.state_dict(), "diffusers", config, dtype)
+    theirs = diffusers_ddpm.to(dtype)
+    x, t = eps_inputs(dtype)
+    with torch.no_grad():
+        expected = theirs(x, t).sample
+        got = ours(x, t)
+    assert expected.abs().mean() > 0.1, "a network that outputs ~0 would compare trivially"
+    assert (got - expected).abs().max().item() < tolerance
+
+
+def diffusers_to_ddpm_names(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """Rename diffusers' keys to the original DDPM layout, written independently of models/weights.py."""
+    rules = [
+        (r"^time_embedding\.linear_1\.", "temb.dense.0."),
+        (r"^time_embedding\.linear_2\.", "temb.dense.1."),
+        (r"^conv_norm_out\.", "norm_out."),
+        (r"^mid_block\.resnets\.0\.", "mid.block_1."),
+        (r"^mid_block\.resnets\.1\.", "mid.block_2."),
+        (r"^mid_block\.attentions\.0\.", "mid.attn_1."),
+        (r"^down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
+        (r"^down_blocks\.(\d+)\.attentions\.", r"down.\1.attn."),
+        (r"^down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
+        (r"\.time_emb_proj\.", ".temb_proj."),
+        (r"\.conv_shortcut\.", ".nin_shortcut."),
+        (r"\.group_norm\.", ".norm."),
+        (r"\.to_([qkv])\.", r".\1."),
+        (r"\.to_out\.0\.", ".proj_out."),
+    ]
+    out = {}
+    for key, tensor in state.items():
+        up = re.match(r"^up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(.*)$", key)
+        if up:  # diffusers numbers the way up from the lowest resolution; DDPM by resolution level
+            level, kind, rest = levels - 1 - int(up.group(1)), up.group(2), up.group(3)
+            key = {"resnets": f"up.{level}.block.{rest}", "attentions": f"up.{level}.attn.{rest}"}.get(
+                kind, f"up.{level}.upsample.{rest.removeprefix('0.')}"
+            )
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        if re.search(r"\.attn(_1)?\.\d*\.?(q|k|v|proj_out)\.weight$", key) and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # DDPM's attention projections are 1x1 convolutions
+        out[key] = tensor
+    return out
+
+
+def test_original_ddpm_layout_gives_the_same_eps(diffusers_ddpm):
+    state = diffusers_to_ddpm_names(diffusers_ddpm.state_dict(), levels=4)
+    assert {"up.3.upsample.conv.weight", "down.1.attn.0.q.weight", "mid.block_1.conv1.bias"} <= set(state)
+    config = ddpm_config_from_state_dict(state, image_size=32, dropout=0.1)
+    assert config == UNetConfig.ddpm_cifar10()
+    ours = ours_from(state, "ddpm", config, torch.float64)
+    x, t = eps_inputs(torch.float64)
+    with torch.no_grad():
+        assert (ours(x, t) - diffusers_ddpm.to(torch.float64)(x, t).sample).abs().max().item() < 1e-12
+
+
+def test_every_key_must_map(diffusers_ddpm):
+    config = unet_config_from_diffusers(dict(diffusers_ddpm.config))
+    state = dict(diffusers_ddpm.state_dict())
+    extra = {**state, "extra.weight": torch.zeros(1)}
+    with pytest.raises(WeightsError, match=r"unexpected extra\.weight"):
+        convert_state_dict(extra, config, "diffusers")
+    del state["mid_block.attentions.0.to_k.bias"]
+    with pytest.raises(WeightsError, match=r"missing mid_block\.attentions\.0\.to_k\.bias"):
+        convert_state_dict(state, config, "diffusers")
+    state = dict(diffusers_ddpm.state_dict())
+    state["conv_in.weight"] = torch.zeros(128, 3, 5, 5)
+    with pytest.raises(WeightsError, match=r"misshapen tensors: conv_in\.weight \(128, 3, 5, 5\) for conv_in\.weight"):
+        convert_state_dict(state, config, "diffusers")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"downsample_padding": 1}, "downsample_padding"),
+        ({"flip_sin_to_cos": True}, "flip_sin_to_cos"),
+        ({"attention_head_dim": 8}, "attention_head_dim"),
+        ({"up_block_types": ["UpBlock2D"] * 4}, "do not mirror"),
+    ],
+)
+def test_a_diffusers_config_that_is_not_ddpms_network_is_refused(change, message):
+    with pytest.raises(WeightsError, match=message):
+        unet_config_from_diffusers({**DDPM_CIFAR10, **change})
