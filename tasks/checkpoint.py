@@ -5,7 +5,9 @@
 - ``model_config``: ``UNetConfig.to_dict()``, and ``ema``: the U-Net's state dict (the EMA weights). These
   two keys are the contract that other tools may rely on;
 - ``diffusion``: the ``diffusion`` params the model was trained for; ``step``: optimizer steps taken;
-  ``dataset_sha256``: the prepared dataset's checksum; ``source``: what made the file; ``format_version``.
+  ``dataset_sha256``: the prepared dataset's checksum (both None for an imported model); ``source``: what
+  made the file (``{"kind": "train"}``, or ``{"kind": "import", "from": ..., "file": ..., "sha256": ...}``);
+  ``format_version``.
 
 It holds only what defines the model, and it is written byte for byte the same for the same model, so its
 hash (and DVC's view of it) changes only when the model does. Run metadata (params, MLflow run id, device,
@@ -65,6 +67,15 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
         first_line = str(e).strip().splitlines()[0]
         raise ModelFileError(f"{path} does not hold a U-Net of its own model_config ({first_line})") from None
     return model.to(device).eval(), state
+
+
+def is_model_file(path: Path) -> bool:
+    """Whether ``path`` is a model.pt this pipeline wrote (so that replacing it loses nothing of the user's)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(state, dict) and {"format_version", "model_config", "ema"} <= state.keys()
 
 
 def weights_digest(module: torch.nn.Module) -> str:

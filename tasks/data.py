@@ -21,8 +21,6 @@ import pickle
 import shutil
 import tarfile
 import time
-import urllib.error
-import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -39,7 +37,8 @@ from tqdm import tqdm
 
 from tasks.config import DataConfig, PathsConfig
 from tasks.dataset import ARRAY, FORMAT_VERSION, MANIFEST, PREVIEW, DataError, array_sha256, dataset_dir
-from tasks.files import atomic_path, file_hash, write_json
+from tasks.download import DownloadError, fetch
+from tasks.files import file_hash, write_json
 from tasks.images import make_grid, save_png
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -186,31 +185,15 @@ def verify_md5(path: Path, md5: str) -> Path:
 
 
 def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` with a progress bar, verify its MD5, then move it into place.
+    """Download the CIFAR-10 archive ``url`` to ``dest`` with a progress bar and verify its MD5.
 
-    An existing ``dest`` with the right MD5 is reused. A failed or corrupt download leaves nothing at
-    ``dest``.
+    An existing ``dest`` with the right MD5 is reused. A failed or corrupt download leaves nothing at ``dest``.
     """
-    if dest.is_file() and file_hash(dest, "md5") == md5:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(dest) as tmp:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-                    while block := response.read(1 << 20):
-                        f.write(block)
-                        bar.update(len(block))
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise DataError(
-                f"could not download {url} ({reason}); offline: download it elsewhere and set data.archive"
-            ) from None
-        got = file_hash(tmp, "md5")
-        if got != md5:
-            raise DataError(f"download of {url} has md5 {got}, expected {md5}: it is corrupt or truncated; rerun")
-    return dest
+    try:
+        hint = "offline: download it elsewhere and set data.archive"
+        return fetch(url, dest, offline_hint=hint, checksum=("md5", md5), timeout=timeout)
+    except DownloadError as e:
+        raise DataError(str(e)) from None
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import functools
 import json
 import os
@@ -65,6 +66,7 @@ from tasks.devices import on_device, pick_device, set_precision
 from tasks.errors import UserError
 from tasks.files import atomic_path, file_hash, write_json
 from tasks.images import make_grid, to_uint8
+from tasks.import_model import read_source, write_imported
 from tasks.seeds import derive_seed
 from tasks.tracking import NullTracker, Tracker, git_commit, write_run_id
 
@@ -557,7 +559,7 @@ def export(run: Run, book: Bookkeeping) -> dict[str, Any]:
         diffusion=params.diffusion.model_dump(),
         step=run.cfg.steps,
         dataset_sha256=run.dataset.manifest["sha256"],
-        source="ddim train",
+        source={"kind": "train"},
     )
     about = {
         "model": str(model_path),
@@ -582,6 +584,35 @@ def check_ranks_in_sync(run: Run) -> None:
         raise TrainingError("ranks ended with different weights: the DDP job is inconsistent")
 
 
+def import_pretrained(params: Params) -> dict[str, Any]:
+    """The train stage's other mode, for ``model.pretrained``: released weights become ``model.pt``, tracked
+    like a trained model. The params must describe the imported network, so that they say what model it is."""
+    source, out_dir = params.model.pretrained, Path(params.paths.train)
+    assert source is not None
+    imported = read_source(source, Path(params.paths.raw) / "models", params.data.image_size)
+    mine, theirs = params.model.unet_config(params.data.image_size).to_dict(), imported.config.to_dict()
+    differ = [f"{k}={v} (params: {mine[k]})" for k, v in theirs.items() if k != "dropout" and v != mine[k]]
+    if differ:
+        raise TrainingError(f"{source} is another U-Net: {', '.join(differ)}; set model.* and data.image_size to match")
+    if imported.diffusion != params.diffusion.model_dump():
+        raise TrainingError(f"{source} was trained with diffusion {imported.diffusion}: set the diffusion params to it")
+    imported.config = dataclasses.replace(imported.config, dropout=params.model.dropout)  # dropout: for fine-tuning
+    model_path = out_dir / MODEL_FILE
+    write_imported(imported, model_path)
+
+    ckpt_dir = Path(params.paths.checkpoints)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tags = {"stage": "train", "source": source, "source.sha256": imported.source["sha256"], "device": "cpu"}
+    tracker = Tracker.for_training(params.tracking, params.model_dump(mode="json"), tags, ckpt_dir)
+    write_run_id(tracker.run_id, out_dir)
+    MetricsCSV(out_dir / "train_metrics.csv", 0).close()  # no training: an empty loss curve
+    about = {"model": str(model_path), "model_sha256": file_hash(model_path), "mlflow_run_id": tracker.run_id}
+    write_json({**about, "source": imported.source, "params": params.model_dump(mode="json")}, out_dir / RUN_FILE)
+    tracker.log_artifact(model_path)
+    tracker.finish()
+    return {**about, "imported_from": source}
+
+
 def train(
     params: Params,
     *,
@@ -589,6 +620,8 @@ def train(
     stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) training as configured; return a summary. ``stop_after`` ends early (tests)."""
+    if params.model.pretrained:
+        return import_pretrained(params)
     run = build_run(params)
     end = params.train.steps if stop_after is None else min(params.train.steps, stop_after)
     book = Bookkeeping(run, end, progress)

@@ -74,7 +74,7 @@ def test_the_defaults_are_ddpms_cifar10_setup():
 
 def test_the_model_section_is_made_from_unet_config():
     fields = {f.name: f.default for f in dataclasses.fields(UNetConfig)}
-    section = ModelConfig.model_fields
+    section = {k: v for k, v in ModelConfig.model_fields.items() if k != "pretrained"}  # what to import, if set
     assert set(section) == set(fields) - {"image_size", "in_channels", "out_channels"}
     assert {name: f.default for name, f in section.items()} == {name: fields[name] for name in section}
 
@@ -103,7 +103,7 @@ def test_ddim_profile_prints_or_writes_and_refuses_unknown_profiles(tmp_path, ca
     assert main(["profile", "cifar10-ch64", "--profiles", str(PROFILES), "--params", str(target)]) == 0
     assert target.read_text() == printed
     assert main(["profile", "nope", "--profiles", str(PROFILES), "--params", str(target)]) == 1
-    assert "choose one of celebahq, cifar10, cifar10-ch64, demo" in capsys.readouterr().err
+    assert "choose one of celebahq, cifar10, cifar10-ch64, cifar10-pretrained, demo" in capsys.readouterr().err
     assert target.read_text() == printed, "a failed switch leaves params.yaml alone"
 
 

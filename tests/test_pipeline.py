@@ -333,7 +333,8 @@ def test_switching_profile_is_one_command_that_dvc_params_diff_shows(repo):
     path, env = repo
     ddim = [str(BIN / "ddim"), "profile", "--profiles", str(ROOT / "profiles")]
     out = subprocess.run([*ddim, "no-such"], cwd=path, env=env, capture_output=True, text=True)
-    assert out.returncode == 1 and "choose one of celebahq, cifar10, cifar10-ch64, demo" in out.stderr
+    assert out.returncode == 1
+    assert "choose one of celebahq, cifar10, cifar10-ch64, cifar10-pretrained, demo" in out.stderr
     run([*ddim, "cifar10"], path, env)
     assert load_params(path / "params.yaml") == profile_params("cifar10", ROOT / "profiles")
     assert "  ch: 128 " in (path / "params.yaml").read_text(), "complete and commented, not the bare overlay"
