@@ -17,7 +17,7 @@ help:
 	@echo "make lint   - setup, then ruff check + ruff format --check"
 	@echo "make format - setup, then let ruff fix imports and formatting"
 	@echo "make bench  - setup, then U-Net size and CPU training-step speed (JSON)"
-	@echo "make demo   - setup, then the whole pipeline on the offline demo (dvc repro), then where to look"
+	@echo "make demo   - setup, then the pipeline on the offline demo (dvc repro evaluate), then where to look"
 	@echo "make ui     - start the Prefect and MLflow UIs on 127.0.0.1 in the background (make ui-stop ends them)"
 
 # The stamp is rebuilt only when pyproject.toml changes, so a second `make setup` is a no-op.
@@ -50,11 +50,11 @@ format: setup
 bench: setup
 	$(BIN)/python benchmarks/unet_speed.py
 
-# The demo: every stage of dvc.yaml on params.yaml (synthetic shapes, a small U-Net, all offline). Runs show
-# up in the Prefect UI when `make ui` is running.
+# The demo: the main pipeline of dvc.yaml (prepare ... evaluate; not the sweep) on params.yaml (synthetic
+# shapes, a small U-Net, all offline). Runs show up in the Prefect UI when `make ui` is running.
 demo: setup
 	@if [ -f $(UI)/prefect.pid ]; then export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; fi; \
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate
 	@$(BIN)/ddim report
 
 ui: setup

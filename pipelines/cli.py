@@ -14,6 +14,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from pipelines.prefect_api import TemporaryServer
 from tasks.config import load_params
 from tasks.errors import UserError
 
@@ -59,10 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
         "paths", nargs="*", metavar="PATH", help="two folders of images and/or .npz statistics (like pytorch_fid)"
     )
     pipeline = _stage_parser(
-        sub, "pipeline", "run the whole DVC pipeline as the Prefect flow ddim-pipeline (only what changed reruns)"
+        sub, "pipeline", "run the DVC pipeline as the Prefect flow ddim-pipeline (only what changed reruns)"
     )
-    pipeline.add_argument("targets", nargs="*", metavar="STAGE", help="stages to reproduce (default: all)")
+    pipeline.add_argument("targets", nargs="*", metavar="STAGE", help="stages to reproduce (default: evaluate)")
     pipeline.add_argument("--force", action="store_true", help="rerun the stages even if up to date")
+    sweep = _stage_parser(
+        sub, "sweep", "DDIM over the sweep section's steps x eta, an FID per cell, through DVC (only missing cells run)"
+    )
+    sweep.add_argument("--force", action="store_true", help="rerun every cell")
+    cell = _stage_parser(sub, "sweep-cell", "one cell of the sweep (a DVC stage of `ddim sweep`)")
+    cell.add_argument("--steps", type=int, required=True, help="DDIM steps")
+    cell.add_argument("--eta", type=float, required=True, help="eta")
+    _stage_parser(sub, "sweep-table", "the sweep's table and FID-vs-NFE plot from its cells (a DVC stage)")
     serve = sub.add_parser(
         "serve",
         help="serve the ddim-pipeline flow on a cron schedule (a long-running process; no worker needed)",
@@ -122,14 +131,12 @@ def _quiet_user_error_tracebacks() -> None:
 
 def run_stage(args: argparse.Namespace) -> int:
     """Run the Prefect flow of stage ``args.command`` and print its result as one JSON line."""
-    from pipelines.prefect_api import use_prefect_api
-
-    use_prefect_api()
     from pipelines import flows
 
     _quiet_user_error_tracebacks()
-    flow = getattr(flows, f"{args.command}_flow")
-    print(json.dumps(flow(params_file=args.params, overrides=args.overrides)))
+    flow = getattr(flows, f"{args.command.replace('-', '_')}_flow")
+    extra = {k: getattr(args, k) for k in ("steps", "eta", "force") if hasattr(args, k)}
+    print(json.dumps(flow(params_file=args.params, overrides=args.overrides, **extra)))
     return 0
 
 
@@ -197,10 +204,7 @@ def run_runs(args: argparse.Namespace) -> int:
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
-    from pipelines.prefect_api import use_prefect_api
-
-    use_prefect_api()  # one server for the pipeline flow and every stage that `dvc repro` runs inside it
-    from pipelines.flows import pipeline_flow
+    from pipelines.flows import pipeline_flow  # its stages, run by `dvc repro`, share this command's server
 
     _quiet_user_error_tracebacks()
     result = pipeline_flow(targets=args.targets, force=args.force, overrides=args.overrides, params_file=args.params)
@@ -270,10 +274,13 @@ COMMANDS = {
     "serve": run_serve,
     "report": run_report,
     "profile": run_profile,
+    "sweep": run_stage,
+    "sweep-cell": run_stage,
+    "sweep-table": run_stage,
 }
 
 
-STAGES = ("prepare", "train", "sample", "reference", "pipeline")
+STAGES = ("prepare", "train", "sample", "reference", "pipeline", "sweep", "sweep-cell", "sweep-table")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,9 +291,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # The pipeline runs offline: no usage telemetry from Prefect's temporary server (set it to true to allow).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    runs_a_flow = args.command in STAGES or (args.command == "evaluate" and not args.paths)
     try:
-        if args.command in STAGES or (args.command == "evaluate" and not args.paths):
-            load_params(args.params, args.overrides)  # fail on bad params before starting any engine
+        server = TemporaryServer.launch() if runs_a_flow else None  # it boots while we check and import
+        if runs_a_flow:
+            load_params(args.params, args.overrides)  # fail on bad params before any flow starts
+            import pipelines.flows  # noqa: F401 - Prefect and the stages, imported while the server boots
+        if server is not None:
+            server.wait()
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"ddim {args.command}: error: {e}", file=sys.stderr)

@@ -30,8 +30,10 @@ from tasks.errors import UserError
 from tasks.evaluate import evaluate_samples
 from tasks.reference import compute_reference
 from tasks.sample import run_sampling
+from tasks.sweep import COLUMNS as SWEEP_COLUMNS
+from tasks.sweep import cell_name, run_cell, table_rows, write_table
 from tasks.tracking import read_run_id
-from tasks.train import TrainingError, train
+from tasks.train import train
 
 
 class PipelineError(UserError):
@@ -77,46 +79,40 @@ def prepare_flow(params_file: str = "params.yaml", overrides: list[str] | None =
     return manifest
 
 
-def _torchrun_command(params_file: str, overrides: list[str], nproc: int) -> list[str]:
+def _torchrun_command(module: str, params_file: str, overrides: list[str], nproc: int, args: list[str]) -> list[str]:
     sets = [arg for item in overrides for arg in ("--set", item)]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "tasks.train",
-        "--params",
-        params_file,
-        *sets,
-    ]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*launcher, "-m", module, *args, "--params", params_file, *sets]
+
+
+def run_ranks(module: str, params_file: str, overrides: list[str], nproc: int, args: list[str] = ()) -> Any:
+    """Run ``python -m module`` as ``nproc`` ranks under torchrun, its output streamed into the flow's log;
+    return rank 0's result (its last output line, JSON). A failure raises the ranks' own error line."""
+    logger = get_run_logger()
+    command = _torchrun_command(module, params_file, overrides, nproc, list(args))
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last_line, error = "", None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        logger.info(line.rstrip())
+        last_line = line.strip() or last_line
+        error = line.split(": error: ", 1)[1].strip() if line.startswith("ddim ") and ": error: " in line else error
+    if proc.wait() != 0:
+        raise PipelineError(error or f"torchrun with {nproc} processes failed (exit {proc.returncode}): see the log")
+    return json.loads(last_line)
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
     params = load_params(params_file, overrides)
-    n = params.train.nproc_per_node
-    if n == 1:
-        progress_id = create_progress_artifact(0.0, key="training-progress", description="training steps done (%)")
+    if params.train.nproc_per_node > 1:  # one rank per process under torchrun
+        return run_ranks("tasks.train", params_file, overrides, params.train.nproc_per_node)
+    progress_id = create_progress_artifact(0.0, key="training-progress", description="training steps done (%)")
 
-        def report(step: int, total: int, _metrics: dict[str, float]) -> None:
-            update_progress_artifact(progress_id, 100.0 * step / total)
+    def report(step: int, total: int, _metrics: dict[str, float]) -> None:
+        update_progress_artifact(progress_id, 100.0 * step / total)
 
-        return train(params, progress=report)
-    # Several processes: torchrun starts one rank each; its output streams into this flow's logs.
-    logger = get_run_logger()
-    proc = subprocess.Popen(
-        _torchrun_command(params_file, overrides, n), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    last_line = ""
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        logger.info(line.rstrip())
-        last_line = line.strip() or last_line
-    if proc.wait() != 0:
-        raise TrainingError(f"torchrun with {n} processes failed (exit {proc.returncode}): see the log above")
-    return json.loads(last_line)
+    return train(params, progress=report)
 
 
 @flow(name="train", description="Train the U-Net with the complexity-weighted loss; EMA weights to model.pt.")
@@ -130,13 +126,16 @@ def train_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
 
 
 @task(name="sample-images", cache_policy=NO_CACHE)
-def sample_task(params: Params) -> dict[str, Any]:
+def sample_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
+    params = load_params(params_file, overrides)
+    if params.sample.nproc_per_node > 1:
+        return run_ranks("tasks.sample", params_file, overrides, params.sample.nproc_per_node)
     return run_sampling(params)
 
 
 @flow(name="sample", description="Generate images from model.pt with DDIM or the adaptive sampler.")
 def sample_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    stats = sample_task(load_params(params_file, overrides))
+    stats = sample_task(params_file, list(overrides or []))
     create_markdown_artifact(key="sampling-summary", markdown=_table("Sampling", stats), description="sample")
     return stats
 
@@ -164,6 +163,45 @@ def evaluate_flow(params_file: str = "params.yaml", overrides: list[str] | None 
     keys = ["fid", "num_samples", "sampler", "steps", "eta", "spacing", "nfe", "reference_count"]
     create_table_artifact(key="fid", table=[{k: metrics[k] for k in keys}], description="FID of this sampling config")
     return metrics
+
+
+@task(name="sweep-cell", cache_policy=NO_CACHE)
+def sweep_cell_task(params_file: str, overrides: list[str], steps: int, eta: float) -> dict[str, Any]:
+    params = load_params(params_file, overrides)
+    if params.sweep.nproc_per_node > 1:
+        cell_args = ["--steps", str(steps), "--eta", str(eta)]
+        return run_ranks("tasks.sweep", params_file, overrides, params.sweep.nproc_per_node, cell_args)
+    return run_cell(params, steps, eta)
+
+
+@flow(name="sweep-cell", description="One cell of the DDIM sweep: sample and score steps x eta in one pass.")
+def sweep_cell_flow(
+    params_file: str = "params.yaml", overrides: list[str] | None = None, steps: int = 100, eta: float = 0.0
+) -> dict[str, Any]:
+    cell = sweep_cell_task(params_file, list(overrides or []), steps, eta)
+    create_markdown_artifact(key="sweep-cell", markdown=_table(f"Sweep cell {cell_name(steps, eta)}", cell))
+    return cell
+
+
+def _publish_sweep_table(cells: list[dict[str, Any]]) -> None:
+    rows = [{k: v for k, v in cell.items() if k in SWEEP_COLUMNS} for cell in cells]
+    create_table_artifact(key="sweep-table", table=rows, description="DDIM sweep: FID per steps x eta")
+
+
+@flow(name="sweep-table", description="The sweep's table (csv, markdown) and FID-vs-NFE plot from its cells.")
+def sweep_table_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    result = write_table(load_params(params_file, overrides))
+    _publish_sweep_table(result["cells"])
+    return result
+
+
+@flow(name="ddim-sweep", description="The DDIM sweep through DVC: only missing or changed cells run, then the table.")
+def sweep_flow(force: bool = False, overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:
+    _stream(dvc_command(["sweep-table"], force, list(overrides or [])))
+    params = load_params(params_file)  # as DVC left it (an experiment's --set values included)
+    cells = table_rows(params)
+    _publish_sweep_table(cells)
+    return {"table": str(Path(params.paths.sweep) / "table.md"), "cells": len(cells)}
 
 
 def _table(title: str, values: dict[str, Any]) -> str:
@@ -196,11 +234,12 @@ def _dvc() -> str:
 
 
 def dvc_command(targets: list[str], force: bool, overrides: list[str]) -> list[str]:
-    """``dvc repro``; with param overrides, ``dvc exp run -S key=value`` (recorded as a DVC experiment)."""
+    """``dvc repro`` of ``targets`` (default: the main pipeline, up to ``evaluate``, without the sweep); with
+    param overrides, ``dvc exp run -S key=value`` (recorded as a DVC experiment)."""
     dvc = _dvc()
     sets = [arg for o in overrides for arg in ("-S", o)]
     cmd = [dvc, "exp", "run", *sets] if overrides else [dvc, "repro"]
-    return cmd + (["--force"] if force else []) + list(targets)
+    return cmd + (["--force"] if force else []) + (list(targets) or ["evaluate"])
 
 
 @flow(name="ddim-pipeline", description="Run the DVC pipeline (only what changed), then publish its metrics.")

@@ -5,7 +5,7 @@ a signal to the group (Ctrl-C, or DVC or a Prefect worker stopping the command) 
 stage, and the stage can no longer report how it ended: it hangs in retries or crashes instead of stopping
 cleanly. If the command itself is killed outright, that server outlives it, forever.
 
-:func:`use_prefect_api` starts the same server (uvicorn on 127.0.0.1, no UI) in a session of its own, so group
+:class:`TemporaryServer` starts the same server (uvicorn on 127.0.0.1, no UI) in a session of its own, so group
 signals leave it to the command, and asks the kernel to stop it when the command's process dies, however it
 dies (Linux's ``PR_SET_PDEATHSIG``; elsewhere Prefect's own mode is used). The command stops it as it exits.
 Commands started inside (``dvc repro`` running the stages) inherit ``PREFECT_API_URL`` and share the server.
@@ -82,28 +82,38 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def use_prefect_api() -> str | None:
-    """Point this command (and every command it starts) at ``PREFECT_API_URL``, or at a temporary server.
+class TemporaryServer:
+    """The temporary server of one command: :meth:`launch` starts it without waiting, so that it boots while
+    the command imports and validates; :meth:`wait` blocks until it answers."""
 
-    Call it before Prefect is imported: Prefect reads ``PREFECT_API_URL`` once, when it starts. The server is
-    stopped when the interpreter exits, after Prefect's own exit handlers (registered later, so run earlier)
-    have sent their last logs and events to it.
-    """
-    if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
-        return os.environ.get("PREFECT_API_URL")
-    timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 20))
-    for _ in range(3):  # another process may take the free port before the server binds it
+    def __init__(self) -> None:
+        self.process, self.url = self._spawn()
+
+    @staticmethod
+    def _spawn() -> tuple[subprocess.Popen, str]:
         port = _free_port()
         process = _start_server(port)
+        atexit.register(_stop, process)  # at exit, after Prefect's own handlers (registered later) have run
         url = f"http://127.0.0.1:{port}/api"
-        if _wait_healthy(process, url, timeout):
-            break
-        _stop(process)
-    else:
+        os.environ["PREFECT_API_URL"] = url  # Prefect reads it once, when it is imported; children inherit it
+        return process, url
+
+    @classmethod
+    def launch(cls) -> TemporaryServer | None:
+        """Start the server unless ``PREFECT_API_URL`` names one (or this is not Linux: Prefect's own mode)."""
+        if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
+            return None
+        return cls()
+
+    def wait(self) -> str:
+        """The server's API URL once it answers; call before Prefect is imported."""
+        timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 20))
+        for _ in range(3):  # another process may take the free port before the server binds it
+            if _wait_healthy(self.process, self.url, timeout):
+                return self.url
+            _stop(self.process)
+            self.process, self.url = self._spawn()
         raise PrefectServerError(
             f"the temporary Prefect server did not start in {timeout:g} s: raise "
             f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running server (make ui)"
         )
-    atexit.register(_stop, process)
-    os.environ["PREFECT_API_URL"] = url
-    return url

@@ -68,6 +68,7 @@ class PathsConfig(Section):
     reference: Path = Field(Path("data/reference"), description="FID reference statistics, <data.name>.npz")
     samples: Path = Field(Path("results/samples"), description="images/, grid.png, sample_stats.json")
     metrics: Path = Field(Path("results/metrics.json"), description="the FID and how it was made (DVC metrics)")
+    sweep: Path = Field(Path("results/sweep"), description="the sweep: cells/, table.csv, table.md, fid_vs_nfe.png")
 
 
 class DataConfig(Section):
@@ -203,12 +204,35 @@ class SampleConfig(Section):
     complexity_mode: ComplexityMode = Field("scaled", description="adaptive: scaled | design")
     precision: Precision = Field("auto", description="auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32")
     device: Device = runtime("auto", "auto | cuda | mps | cpu")
+    nproc_per_node: int = runtime(1, "> 1: `ddim sample` runs torchrun with this many processes (one per GPU)", ge=1)
 
     @model_validator(mode="after")
     def _steps_ordered(self) -> SampleConfig:
         if self.min_step > self.max_step:
             raise ValueError(f"sample.min_step ({self.min_step}) must not exceed sample.max_step ({self.max_step})")
         return self
+
+
+class SweepConfig(Section):
+    """The ``sweep`` section: DDIM over steps x eta from model.pt, one FID per cell (``ddim sweep``; not part of
+    ``make demo``). Seed, clip_x0, precision and device are the sample section's."""
+
+    steps: list[int] = Field([10, 20, 50, 100], min_length=1, description="DDIM steps, one cell per value and eta")
+    eta: list[float] = Field([0.0, 0.2, 0.5, 1.0], min_length=1, description="eta, one cell per value and steps")
+    spacing: Spacing = Field("quad", description="uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing")
+    num_samples: int = Field(50_000, ge=2, description="images per cell, all of them scored (no floor division)")
+    batch_size: int = runtime(500, "images per sampler call (DDIM's images do not depend on it)", ge=1)
+    images: bool = runtime(False, "also keep each cell's images as PNGs in cells/<cell>/ (FID never needs them)")
+    nproc_per_node: int = runtime(1, "> 1: each cell runs under torchrun with this many processes", ge=1)
+
+    @field_validator("steps", "eta")
+    @classmethod
+    def _distinct_values(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be distinct, got {v}")
+        if any(x < 0 for x in v):
+            raise ValueError(f"values must not be negative, got {v}")
+        return v
 
 
 class EvaluateConfig(Section):
@@ -237,6 +261,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    sweep: SweepConfig = SweepConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -247,11 +272,10 @@ class Params(Section):
             raise ValueError(f"model: {e}") from None
         if self.diffusion.schedule == "linear" and self.diffusion.beta_start > self.diffusion.beta_end:
             raise ValueError("diffusion: beta_start must not exceed beta_end")
-        if self.sample.steps > self.diffusion.num_train_steps:
-            raise ValueError(
-                f"sample.steps ({self.sample.steps}) exceeds diffusion.num_train_steps "
-                f"({self.diffusion.num_train_steps})"
-            )
+        T = self.diffusion.num_train_steps
+        for key, values in (("sample.steps", [self.sample.steps]), ("sweep.steps", self.sweep.steps)):
+            if bad := [v for v in values if not 1 <= v <= T]:
+                raise ValueError(f"{key} {bad} outside 1..diffusion.num_train_steps ({T})")
         return self
 
 

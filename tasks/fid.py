@@ -65,6 +65,17 @@ def list_images(folder: Path) -> list[Path]:
     return files
 
 
+def batch_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, 2048]`` float64 pool3 features of images ``[B, 3, H, W]`` in [0, 1] (uint8 / 255, as pytorch-fid
+    reads a file), on the model's device. Every FID here goes through this one call, so the same pixels give
+    the same features whether they come from files or straight from the sampler."""
+    device = next(model.parameters()).device
+    model = model.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        x = pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        return model(x)[0].flatten(1).double()
+
+
 def inception_features(
     dataset: Dataset, model: torch.nn.Module, batch_size: int = 200, num_workers: int = 0, progress: bool = True
 ) -> np.ndarray:
@@ -72,16 +83,13 @@ def inception_features(
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    model = model.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     out = np.empty((len(dataset), DIMS), dtype=np.float64)
     i = 0
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress, leave=False):
-            x = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            feats = model(x)[0].flatten(1).double().cpu().numpy()
-            out[i : i + len(feats)] = feats
-            i += len(feats)
+    for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress, leave=False):
+        feats = batch_features(model, batch).cpu().numpy()
+        out[i : i + len(feats)] = feats
+        i += len(feats)
     return out
 
 
@@ -90,6 +98,57 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(features) < 2:
         raise EvaluationError(f"FID needs at least 2 images, got {len(features)}")
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+class FeatureStats:
+    """Mean and covariance of Inception features, accumulated batch by batch without keeping the features.
+
+    Batches (and the statistics of other processes, :meth:`reduce`) are merged with Chan et al.'s pairwise
+    update of the mean and the sum of squared deviations, which keeps the covariance as accurate as
+    ``np.cov`` of all the features at once (plain sums of ``x x^T`` lose digits to cancellation). Float64,
+    on the features' device.
+    """
+
+    def __init__(self, dims: int = DIMS, device: torch.device | str = "cpu") -> None:
+        self.count = 0
+        self.mean = torch.zeros(dims, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(dims, dims, dtype=torch.float64, device=device)  # sum of (x - mean)(x - mean)^T
+
+    def _merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        total = self.count + count
+        delta = mean - self.mean
+        self.m2 += m2 + torch.outer(delta, delta) * (self.count * count / total)
+        self.mean += delta * (count / total)
+        self.count = total
+
+    def add(self, features: torch.Tensor) -> None:
+        """Add ``[B, dims]`` features."""
+        f = features.to(torch.float64)
+        if len(f):
+            mean = f.mean(dim=0)
+            self._merge(len(f), mean, (f - mean).T @ (f - mean))
+
+    def reduce(self) -> None:
+        """Merge the statistics of every process, in rank order (under torch.distributed; alone: nothing)."""
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        parts = []
+        for tensor in (torch.tensor([float(self.count)], device=self.mean.device), self.mean, self.m2):
+            gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, tensor)
+            parts.append(gathered)
+        self.count, self.mean, self.m2 = 0, torch.zeros_like(self.mean), torch.zeros_like(self.m2)
+        for count, mean, m2 in zip(*parts, strict=True):
+            if count.item() > 0:
+                self._merge(int(count.item()), mean, m2)
+
+    def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu, sigma)`` as :func:`statistics` gives them for the same features."""
+        if self.count < 2:
+            raise EvaluationError(f"FID needs at least 2 images, got {self.count}")
+        return self.mean.cpu().numpy(), (self.m2 / (self.count - 1)).cpu().numpy()
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:

@@ -167,7 +167,12 @@ class Tracker(NullTracker):
 
 
 def log_evaluation(
-    cfg: TrackingConfig, parent_run_id: str | None, params: dict[str, Any], metrics: dict[str, Any], grid: Path
+    cfg: TrackingConfig,
+    parent_run_id: str | None,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    grid: Path | None,
+    tags: dict[str, str] | None = None,
 ) -> str:
     """One finished child run of the training run: the sampling config, its FID and NFE, the sample grid."""
     from mlflow.tracking import MlflowClient
@@ -182,14 +187,14 @@ def log_evaluation(
     name = f"{s['sampler']}-{s['steps'] or 'adaptive'}steps-eta{s['eta']}" + (
         f"-{s['spacing']}" if s["spacing"] else ""
     )
-    tags = {"stage": "evaluate", **{k: str(metrics[k]) for k in ("device", "precision") if k in metrics}}
+    tags = {"stage": "evaluate", **{k: str(metrics[k]) for k in ("device", "precision") if k in metrics}} | (tags or {})
     if parent_run_id is not None:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
     tracker = Tracker(uri, run_id)
     tracker.log_params(params)
     tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v is not None}, 0)
-    if Path(grid).is_file():
+    if grid is not None and Path(grid).is_file():
         tracker.log_artifact(Path(grid))
     tracker.finish()
     return run_id

@@ -32,7 +32,6 @@ import csv
 import dataclasses
 import functools
 import json
-import os
 import signal
 import sys
 import threading
@@ -63,6 +62,7 @@ from tasks.checkpoint import (
 from tasks.config import Params, TrainConfig, load_params
 from tasks.dataset import PreparedDataset, dataset_dir
 from tasks.devices import on_device, pick_device, set_precision
+from tasks.distributed import Ranks
 from tasks.errors import UserError
 from tasks.files import atomic_path, file_hash, write_json
 from tasks.images import make_grid, to_uint8
@@ -93,32 +93,12 @@ class TrainingInterruptedError(UserError):
 
 
 @dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
-
-
-@dataclass
 class Run:
     """Everything one training process holds. ``model`` owns the weights; ``losses`` runs the forward pass
     and the loss through DDP (under torchrun), autocast and, with ``train.compile``, the compiled graph."""
 
     params: Params
-    dist: Dist
+    dist: Ranks
     device: torch.device
     precision: str  # what train.precision resolved to here: bf16, fp16 or fp32
     dataset: PreparedDataset
@@ -155,13 +135,10 @@ def training_fingerprint(params: Params, dataset_sha256: str) -> dict[str, Any]:
     }
 
 
-def setup_process(cfg: TrainConfig, dist_info: Dist) -> torch.device:
+def setup_process(cfg: TrainConfig, dist_info: Ranks) -> torch.device:
     """This process's device, the process group under torchrun, and the kernel-selection flags."""
     device = pick_device(cfg.device, dist_info.local_rank)
-    if dist_info.distributed and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist_info.start(device)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
         torch.backends.cudnn.benchmark = False
@@ -205,7 +182,7 @@ def _forward_losses(
 
 def build_run(params: Params) -> Run:
     """Build the model, EMA, optimizer and data; load the newest checkpoint made with the same fingerprint."""
-    cfg, dist_info = params.train, Dist.from_env()
+    cfg, dist_info = params.train, Ranks.from_env()
     device = setup_process(cfg, dist_info)
     amp_dtype, precision = set_precision(cfg.precision, device)
     dataset = open_dataset(params, cfg.batch_size * dist_info.world_size)
@@ -648,8 +625,7 @@ def train(
         raise
     finally:
         book.close(status, finished=done >= params.train.steps)
-        if run.dist.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        run.dist.finish()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -664,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"ddim train: error: {e}", file=sys.stderr)
         return 1
-    if Dist.from_env().is_main:
+    if Ranks.from_env().is_main:
         print(json.dumps(summary))
     return 0
 

@@ -26,6 +26,8 @@ STAGE_MODULES = {
     "train": "tasks/train.py",
     "sample": "tasks/sample.py",
     "evaluate": "tasks/evaluate.py",
+    "sweep": "tasks/sweep.py",
+    "sweep-table": "tasks/sweep.py",  # the sweep's cells and its table: one module
 }
 
 
@@ -93,6 +95,7 @@ def dvc_stages() -> dict:
 @pytest.mark.parametrize("stage", STAGE_MODULES)
 def test_no_stage_module_imports_another(stage):
     others = set(STAGE_MODULES.values()) - {STAGE_MODULES[stage]}
+    assert set(dvc_stages()) == set(STAGE_MODULES)
     assert not code_closure(STAGE_MODULES[stage]) & others
 
 
@@ -107,12 +110,16 @@ def result_keys(*sections: str) -> list[str]:
 
 
 def test_each_stage_lists_exactly_the_params_that_can_change_what_it_writes():
+    cell_keys = [k for k in result_keys("sweep") if k not in ("sweep.steps", "sweep.eta")]
     expected = {
         "prepare": result_keys("data"),
         "reference": ["evaluate.reference_count"],
         "train": ["data.image_size", *result_keys("model", "diffusion", "train")],
         "sample": result_keys("diffusion", "sample"),
         "evaluate": [],  # it reads how the images were made from the samples folder itself
+        # A cell's own steps and eta are in its command, so adding a value to the grid reruns no other cell.
+        "sweep": [*result_keys("diffusion"), "sample.clip_x0", "sample.seed", "sample.precision", *cell_keys],
+        "sweep-table": ["data.source", "data.split", "data.count", *result_keys("sweep")],
     }
     listed = {name: stage.get("params", []) for name, stage in dvc_stages().items()}
     assert listed == expected

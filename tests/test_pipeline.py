@@ -54,6 +54,7 @@ MICRO = {
     },
     "sample": {"num_samples": 8, "batch_size": 8, "steps": 3},
     "evaluate": {"reference_count": 16, "batch_size": 16},
+    "sweep": {"steps": [2], "eta": [0.0], "num_samples": 4, "batch_size": 4},
 }
 
 
@@ -122,12 +123,12 @@ def test_make_demo_runs_everything_then_only_what_changed(repo):
     assert "biased" in report and "results/samples/grid.png" in report and "make ui" in report
     run_id = (path / "results" / "train" / "mlflow_run_id").read_text().strip()
     assert f"MLflow run:     {run_id}" in report
-    status = run([str(BIN / "dvc"), "status"], path, env)
+    status = run([str(BIN / "dvc"), "status", "evaluate"], path, env)
     assert "up to date" in status.stdout
 
     again = run(["make", "demo"], path, env)
     assert ran_stages(again.stdout) == [] and "FID " in again.stdout
-    again = run([str(BIN / "dvc"), "repro"], path, env)
+    again = run([str(BIN / "dvc"), "repro", "evaluate"], path, env)
     assert ran_stages(again.stdout) == []
 
     metrics = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], path, env).stdout)
@@ -137,7 +138,7 @@ def test_make_demo_runs_everything_then_only_what_changed(repo):
     params = yaml.safe_load((path / "params.yaml").read_text())
     params["sample"]["steps"] = 4
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = run([str(BIN / "dvc"), "repro"], path, env)
+    changed = run([str(BIN / "dvc"), "repro", "evaluate"], path, env)
     assert ran_stages(changed.stdout) == ["sample", "evaluate"]
 
     assert "fid" in run([str(BIN / "ddim"), "runs"], path, env).stdout
@@ -147,10 +148,10 @@ def test_make_demo_runs_everything_then_only_what_changed(repo):
     assert "fid" in table[0].split(",")
 
 
-def test_what_cannot_change_a_result_reruns_nothing_downstream(repo):
-    path, env = repo
+def test_what_cannot_change_a_result_reruns_nothing_downstream(served_repo):
+    path, env = served_repo
     dvc = str(BIN / "dvc")
-    run([dvc, "repro"], path, env)  # up to date (the test above leaves it so)
+    run([dvc, "repro", "evaluate"], path, env)  # up to date (the test above leaves it so)
     saved = {name: (path / name).read_text() for name in ("params.yaml", "tasks/train.py", "dvc.lock")}
     model_pt = path / "results" / "train" / "model.pt"
     model_bytes = model_pt.read_bytes()
@@ -163,14 +164,36 @@ def test_what_cannot_change_a_result_reruns_nothing_downstream(repo):
         params["evaluate"]["num_workers"] = 1
         params["tracking"]["experiment"] = "elsewhere"
         (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        assert ran_stages(run([dvc, "repro"], path, env).stdout) == []
+        assert ran_stages(run([dvc, "repro", "evaluate"], path, env).stdout) == []
 
         # Code that only training runs: train reruns, resumes at its last step and writes the same model.pt,
         # so neither sampling nor the FID is redone.
         (path / "tasks" / "train.py").write_text(saved["tasks/train.py"] + "# an edit that changes no result\n")
-        assert ran_stages(run([dvc, "repro"], path, env).stdout) == ["train"]
+        assert ran_stages(run([dvc, "repro", "evaluate"], path, env).stdout) == ["train"]
         assert model_pt.read_bytes() == model_bytes
-        assert "up to date" in run([dvc, "status"], path, env).stdout
+        assert "up to date" in run([dvc, "status", "evaluate"], path, env).stdout
+    finally:
+        for name, text in saved.items():
+            (path / name).write_text(text)
+
+
+def test_ddim_sweep_runs_one_stage_per_cell_and_only_new_cells_later(served_repo):
+    path, env = served_repo
+    saved = {name: (path / name).read_text() for name in ("params.yaml", "dvc.lock")}
+    try:
+        out = run([str(BIN / "ddim"), "sweep"], path, env)
+        assert [s for s in ran_stages(out.stdout + out.stderr) if s.startswith("sweep")] == [
+            "sweep@2-0.0",
+            "sweep-table",
+        ]
+        table = (path / "results" / "sweep" / "table.csv").read_text().splitlines()
+        assert table[0].startswith("steps,eta,spacing,nfe,fid") and len(table) == 2
+        assert json.loads(out.stdout.splitlines()[-1])["cells"] == 1
+
+        out = run([str(BIN / "ddim"), "sweep", "--set", "sweep.steps=[2,3]"], path, env)
+        ran = [s for s in ran_stages(out.stdout + out.stderr) if s.startswith("sweep")]
+        assert ran == ["sweep@3-0.0", "sweep-table"], "the cell already there is up to date"
+        assert len((path / "results" / "sweep" / "table.csv").read_text().splitlines()) == 3
     finally:
         for name, text in saved.items():
             (path / name).write_text(text)
@@ -323,6 +346,28 @@ def test_ddim_pipeline_imports_a_zip_of_images(served_repo, tmp_path):
         assert ran_stages(out.stdout + out.stderr) == ["prepare"]
         manifest = json.loads((path / "data" / "prepared" / "faces" / "manifest.json").read_text())
         assert manifest["count"] == 20 and manifest["height"] == 16
+    finally:
+        for name, text in saved.items():
+            (path / name).write_text(text)
+
+
+def test_a_pretrained_model_is_imported_instead_of_trained(served_repo, tmp_path):
+    # What `ddim profile cifar10-pretrained && dvc repro evaluate` does, with a small diffusers model of the
+    # micro U-Net's shape on disk instead of DDPM's download.
+    import torch
+    from diffusers import UNet2DModel
+    from test_import import SMALL
+
+    path, env = served_repo
+    torch.manual_seed(0)
+    UNet2DModel(**SMALL).save_pretrained(tmp_path / "ddpm-small")
+    saved = {name: (path / name).read_text() for name in ("params.yaml", "dvc.lock")}
+    try:
+        out = run([str(BIN / "ddim"), "pipeline", "--set", f"model.pretrained={tmp_path / 'ddpm-small'}"], path, env)
+        assert ran_stages(out.stdout + out.stderr) == ["train", "sample", "evaluate"]
+        state = torch.load(path / "results" / "train" / "model.pt", weights_only=True)
+        assert state["source"]["kind"] == "import" and state["source"]["layout"] == "diffusers"
+        assert json.loads(out.stdout.splitlines()[-1])["metrics"][0]["fid"] > 0
     finally:
         for name, text in saved.items():
             (path / name).write_text(text)

@@ -24,7 +24,7 @@ PROFILE = "tests/test_pipeline.py::test_switching_profile_is_one_command_that_dv
 RUN_BY = {
     "make demo": DEMO,
     "make test": ".ci/run",
-    "PATH=$PWD/.venv/bin:$PATH dvc repro": DEMO,
+    "PATH=$PWD/.venv/bin:$PATH dvc repro evaluate": DEMO,
     ".venv/bin/ddim pipeline": PIPELINE,
     ".venv/bin/ddim pipeline --set sample.eta=0.0": PIPELINE,
     ".venv/bin/ddim profile cifar10": PROFILE,
@@ -47,6 +47,14 @@ RUN_BY = {
     ".venv/bin/prefect deployment run ddim-pipeline/nightly": WORKER,
     '.venv/bin/ddim serve --cron "0 3 * * *"': "tests/test_pipeline.py::test_ddim_serve_runs_a_triggered_flow_run",
     ".venv/bin/ddim runs": DEMO,
+    # Against a hub on 127.0.0.1 serving a small model; the pretrained profile through DVC with that model.
+    ".venv/bin/ddim import-model google/ddpm-cifar10-32": (
+        "tests/test_import.py::test_a_hub_id_is_downloaded_once_and_checked"
+    ),
+    ".venv/bin/ddim profile cifar10-pretrained": (
+        "tests/test_pipeline.py::test_a_pretrained_model_is_imported_instead_of_trained"
+    ),
+    ".venv/bin/ddim sweep": "tests/test_pipeline.py::test_ddim_sweep_runs_one_stage_per_cell_and_only_new_cells_later",
     ".venv/bin/ddim runs --csv runs.csv": DEMO,
 }
 

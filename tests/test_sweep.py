@@ -1,0 +1,157 @@
+"""The sweep: a cell's in-pass FID is the FID of its images as PNG files; exact image counts; the same images
+and FID from two processes as from one; the table, the plot and DDIM's Table 1 beside them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from test_sample_evaluate import read_images, trained  # noqa: F401 - `trained` is a fixture
+
+from tasks.config import load_params
+from tasks.fid import FeatureStats, fid_between, statistics
+from tasks.reference import compute_reference
+from tasks.sample import run_sampling
+from tasks.sweep import PAPER_FID, paper_fid, run_cell, write_table
+
+BIN = Path(sys.executable).parent
+
+
+def with_sweep(params_file: Path, tmp_path: Path, **sweep) -> Path:
+    """A copy of the trained model's params with a sweep section and its own sweep folder."""
+    raw = yaml.safe_load(params_file.read_text())
+    raw["paths"]["sweep"] = str(tmp_path / "sweep")
+    raw["sweep"] = {"steps": [3], "eta": [0.0], "num_samples": 10, "batch_size": 4, **sweep}
+    out = tmp_path / "params.yaml"
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
+def test_running_sums_give_numpys_mean_and_covariance():
+    feats = np.random.default_rng(0).normal(size=(300, 16)) * 3 + 1
+    stats = FeatureStats(dims=16)
+    for chunk in np.array_split(feats, 7):
+        stats.add(torch.from_numpy(chunk))
+    mu, sigma = stats.mean_and_covariance()
+    ref_mu, ref_sigma = statistics(feats)
+    np.testing.assert_allclose(mu, ref_mu, rtol=1e-12)
+    np.testing.assert_allclose(sigma, ref_sigma, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow  # Inception on the CPU
+def test_a_cells_fid_is_the_fid_of_its_images_as_png_files(trained, tmp_path):  # noqa: F811
+    params_file = with_sweep(trained, tmp_path, images=True)
+    params = load_params(params_file)
+    compute_reference(params)
+    cell = run_cell(params, steps=3, eta=0.0)
+    assert cell["num_samples"] == 10, "every requested image, though 10 is not a multiple of the batch size 4"
+    images = tmp_path / "sweep" / "cells" / "steps3-eta0.0"
+    pngs = sorted(images.glob("*.png"))
+    assert len(pngs) == 10
+    from_files = fid_between([images, Path(params.paths.reference) / f"{params.data.name}.npz"], batch_size=4)
+    assert cell["fid"] == pytest.approx(from_files["fid"], abs=1e-6)
+    assert json.loads((tmp_path / "sweep" / "cells" / "steps3-eta0.0.json").read_text())["fid"] == cell["fid"]
+
+    # The same images as the sample stage draws for that config.
+    samples = tmp_path / "samples"
+    sample = ["sample.steps=3", "sample.eta=0.0", "sample.spacing=quad", "sample.num_samples=10"]
+    run_sampling(load_params(params_file, [*sample, f"paths.samples={samples}"]))
+    np.testing.assert_array_equal(read_images(samples, 10), np.stack([np.asarray(Image.open(p)) for p in pngs]))
+
+    run = MlflowClient(tracking_uri=params.tracking.uri).get_run(cell["mlflow_run_id"])
+    assert run.data.metrics["fid"] == pytest.approx(cell["fid"]) and run.data.params["sample.steps"] == "3"
+
+
+def test_the_table_reads_the_current_grid_and_puts_ddims_table_beside_it(tmp_path):
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        yaml.safe_dump({"paths": {"sweep": str(tmp_path / "sweep")}, "sweep": {"steps": [10, 100], "eta": [0.0, 1.0]}})
+    )
+    params = load_params(params_file)
+    cells = tmp_path / "sweep" / "cells"
+    cells.mkdir(parents=True)
+    for steps, eta, fid in [(10, 0.0, 14.0), (100, 0.0, 4.5), (10, 1.0, 40.0), (100, 1.0, 6.0), (20, 0.0, 99.0)]:
+        nfe = {10: 10, 20: 20, 100: 96}[steps]
+        cell = {
+            "steps": steps,
+            "eta": eta,
+            "spacing": "quad",
+            "nfe": nfe,
+            "fid": fid,
+            "num_samples": 50_000,
+            "seconds": 1.0,
+        }
+        (cells / f"steps{steps}-eta{eta}.json").write_text(json.dumps(cell))
+    result = write_table(params)
+    assert [(c["steps"], c["eta"]) for c in result["cells"]] == [(10, 0.0), (10, 1.0), (100, 0.0), (100, 1.0)], (
+        "not the stale 20-step cell"
+    )
+    by_cell = {(c["steps"], c["eta"]): c for c in result["cells"]}
+    assert by_cell[(100, 0.0)]["paper_fid"] == 4.16 and by_cell[(100, 0.0)]["difference"] == pytest.approx(0.34)
+    assert (tmp_path / "sweep" / "table.csv").read_text().splitlines()[
+        0
+    ] == "steps,eta,spacing,nfe,fid,paper_fid,difference,num_samples,seconds"
+    assert (
+        "| 100 | 0.00 | quad | 96 | 4.50 | 4.16 | 0.34 | 50000 | 1.00 |"
+        in (tmp_path / "sweep" / "table.md").read_text()
+    )
+    assert (tmp_path / "sweep" / "fid_vs_nfe.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_ddims_table_applies_only_to_the_run_it_measured(tmp_path):
+    cifar = tmp_path / "cifar.yaml"
+    cifar.write_text("{}")  # the defaults: CIFAR-10's training set, 50,000 per cell, quad
+    params = load_params(cifar)
+    assert paper_fid(params, 100, 0.0, "quad") == 4.16 and paper_fid(params, 10, 0.2, "quad") == 14.04
+    assert paper_fid(params, 100, 0.0, "uniform") is None, "DDIM's CIFAR-10 numbers are with quad spacing"
+    assert paper_fid(load_params(cifar, ["sweep.num_samples=10000"]), 100, 0.0, "quad") is None
+    assert paper_fid(load_params(cifar, ["data.source=shapes", "data.count=10"]), 100, 0.0, "quad") is None
+    assert set(PAPER_FID) == {0.0, 0.2, 0.5, 1.0}
+
+
+def torchrun(nproc: int, module: str, *args: str) -> dict:
+    """Rank 0's result of ``python -m module args`` as ``nproc`` ranks, each on one thread."""
+    command = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}", "-m", module, *args]
+    out = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def one_thread():
+    """This process on one thread, as each torchrun rank is (float rounding in convolutions depends on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.integration
+def test_two_processes_draw_the_same_images_and_get_the_same_fid_as_one(trained, tmp_path, one_thread):  # noqa: F811
+    # One image per batch and one thread per process: float rounding in convolutions depends on the batch's
+    # shape and the thread count, which one process and two would otherwise split differently.
+    params_file = with_sweep(trained, tmp_path, eta=[1.0], batch_size=1)
+    params = load_params(params_file)
+    compute_reference(params)
+    one = run_cell(params, steps=3, eta=1.0)
+    two = torchrun(2, "tasks.sweep", "--steps", "3", "--eta", "1.0", "--params", str(params_file))
+    assert (one["processes"], two["processes"]) == (1, 2) and one["num_samples"] == two["num_samples"] == 10
+    assert two["fid"] == pytest.approx(one["fid"], abs=1e-6)
+
+    sample = ["sample.steps=3", "sample.eta=1.0", "sample.num_samples=10", "sample.batch_size=1"]
+    run_sampling(load_params(params_file, [*sample, f"paths.samples={tmp_path / '1'}"]))
+    sets = [a for s in [*sample, f"paths.samples={tmp_path / '2'}"] for a in ("--set", s)]
+    stats = torchrun(2, "tasks.sample", "--params", str(params_file), *sets)
+    assert stats["complete"] and stats["num_samples"] == 10 and stats["nfe_min"] == stats["nfe_max"] == 3
+    np.testing.assert_array_equal(read_images(tmp_path / "2", 10), read_images(tmp_path / "1", 10))
