@@ -13,7 +13,6 @@ sample`` runs ``torchrun``, and rank r of W draws images r, r + W, ...). Output 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -25,20 +24,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tasks.checkpoint import MODEL_FILE, load_model
-from tasks.config import Params, SampleConfig, load_params
-from tasks.devices import on_device, pick_device, set_precision
-from tasks.distributed import Ranks
-from tasks.errors import UserError
+from tasks.checkpoint import MODEL_FILE
+from tasks.config import Params, SampleConfig
+from tasks.devices import pick_device, set_precision
+from tasks.distributed import Ranks, rank_main
 from tasks.files import atomic_path, file_hash, write_json
 from tasks.images import make_grid, read_png, save_png, to_uint8
-from tasks.sampling import batches, sample_images
+from tasks.sampling import batches, load_for_sampling, sample_images
 
 IMAGES = "images"
-
-
-class SamplingError(UserError):
-    """Sampling cannot run with these inputs."""
 
 
 def image_path(folder: Path, index: int) -> Path:
@@ -93,14 +87,14 @@ def generate(
     It continues with the batch holding its first missing image, so batches match an uninterrupted run (the
     adaptive sampler's design mode couples the samples of a batch).
     """
-    mine, image_size = ranks.share(cfg.num_samples), model.config.image_size
+    mine = ranks.share(cfg.num_samples)
     nfe_path = out / f"nfe.rank{ranks.rank}.npy"
     nfe = np.load(nfe_path) if nfe_path.is_file() else np.full(cfg.num_samples, -1, dtype=np.int64)
     start = leading_done(out, mine) // cfg.batch_size * cfg.batch_size
     todo = list(batches(mine[start:], cfg.batch_size))[:stop_after_batches]
     with tqdm(total=len(mine), initial=start, desc="sample", unit="img", disable=not ranks.is_main) as bar:
         for indices in todo:
-            x0, batch_nfe = sample_images(model, alphas_cumprod, cfg, indices, image_size, amp_dtype)
+            x0, batch_nfe = sample_images(model, alphas_cumprod, cfg, indices, amp_dtype)
             for i, img in zip(indices, to_uint8(x0), strict=True):
                 save_png(img, image_path(out, i))
             nfe[indices] = batch_nfe.numpy()
@@ -148,10 +142,8 @@ def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> di
     """Generate the configured samples (continuing an interrupted run); ``sample_stats`` (rank 0; others: {})."""
     cfg, ranks = params.sample, Ranks.from_env()
     device = pick_device(cfg.device, ranks.local_rank)
+    model, alphas_cumprod = load_for_sampling(params, device)
     model_path = Path(params.paths.train) / MODEL_FILE
-    model, state = load_model(model_path, device)
-    if params.diffusion.model_dump() != state.get("diffusion"):
-        raise SamplingError(f"{model_path} was trained with diffusion={state.get('diffusion')}, params say otherwise")
     ranks.start(device)
     try:
         out = Path(params.paths.samples)
@@ -160,7 +152,6 @@ def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> di
         if finished is not None:
             return finished if ranks.is_main else {}  # every image is there, made by this config: nothing to do
         amp_dtype, precision = set_precision(cfg.precision, device)
-        alphas_cumprod = on_device(params.diffusion.alphas_cumprod(), device)
         begin = time.perf_counter()
         generated = ranks.sum(generate(model, alphas_cumprod, cfg, out, ranks, amp_dtype, stop_after_batches))
         seconds = time.perf_counter() - begin
@@ -171,18 +162,7 @@ def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> di
 
 def main(argv: list[str] | None = None) -> int:
     """Per-rank entry point (``torchrun ... -m tasks.sample --params FILE --set k=v``)."""
-    parser = argparse.ArgumentParser(description="one sampling process (or rank)")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
-    try:
-        stats = run_sampling(load_params(args.params, args.overrides))
-    except UserError as e:
-        print(f"ddim sample: error: {e}", file=sys.stderr)
-        return 1
-    if stats:
-        print(json.dumps(stats))
-    return 0
+    return rank_main("sample", lambda params, args: run_sampling(params), argv)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,25 @@ which process draws it (under ``torchrun``, ``tasks.distributed.Ranks.share`` sp
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
 from models.diffusion import adaptive_ddim_sample, ddim_sample, ddim_timesteps
-from tasks.config import SampleConfig
+from models.unet import UNet
+from tasks.checkpoint import MODEL_FILE, ModelFileError, load_model
+from tasks.config import Params, SampleConfig
+from tasks.devices import on_device
 from tasks.seeds import derive_seed
+
+
+def load_for_sampling(params: Params, device: torch.device) -> tuple[UNet, torch.Tensor]:
+    """``model.pt``'s EMA model on ``device`` and the schedule it was trained for (the params must agree)."""
+    path = Path(params.paths.train) / MODEL_FILE
+    model, state = load_model(path, device)
+    if params.diffusion.model_dump() != state.get("diffusion"):
+        raise ModelFileError(f"{path} was trained with diffusion={state.get('diffusion')}, params say otherwise")
+    return model, on_device(params.diffusion.alphas_cumprod(), device)
 
 
 def batches(indices: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -22,15 +35,14 @@ def batches(indices: list[int], batch_size: int) -> Iterator[list[int]]:
 
 
 def sample_images(
-    model: torch.nn.Module,
+    model: UNet,
     alphas_cumprod: torch.Tensor,
     cfg: SampleConfig,
     indices: list[int],
-    image_size: int,
     amp_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``indices`` as ``[B, 3, H, W]`` float in [-1, 1] and their model evaluations ``[B]`` (CPU)."""
-    device = next(model.parameters()).device
+    device, image_size = next(model.parameters()).device, model.config.image_size
     generators = [torch.Generator().manual_seed(derive_seed(cfg.seed, i)) for i in indices]
     x_T = torch.stack([torch.randn(3, image_size, image_size, generator=g) for g in generators]).to(device)
     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

@@ -3,9 +3,9 @@
 Each cell (``ddim sweep-cell --steps S --eta E``, one DVC stage instance of the ``sweep`` matrix) draws
 ``sweep.num_samples`` images and computes their FID against the reference statistics in the same pass: each
 batch is quantised to uint8 exactly as a PNG would store it and goes straight to Inception, whose features
-are summed (mean and covariance need nothing else), so no image is written unless ``sweep.images`` asks for
-them. Under ``torchrun`` the images are split by index and the sums added across processes: the same images
-and the same FID as one process.
+are merged into running statistics (``tasks.fid.FeatureStats``), so no image is written unless
+``sweep.images`` asks for them. Under ``torchrun`` the images are split by index and the statistics merged
+across processes: the same images and the same FID as one process.
 
 ``ddim sweep-table`` gathers the cells of the current grid into ``table.csv`` and ``table.md`` (with DDIM's
 Table 1 beside them where the cell is in it) and ``fid_vs_nfe.png``.
@@ -24,16 +24,15 @@ import numpy as np
 import torch
 
 from models.diffusion import ddim_timesteps
-from tasks.checkpoint import MODEL_FILE, load_model
-from tasks.config import Params, SampleConfig, load_params
-from tasks.devices import on_device, pick_device, set_precision
-from tasks.distributed import Ranks
+from tasks.config import Params, SampleConfig
+from tasks.devices import pick_device, set_precision
+from tasks.distributed import Ranks, rank_main
 from tasks.errors import UserError
 from tasks.fid import FeatureStats, batch_features, frechet_distance, load_stats, reference_path, warn_if_biased
 from tasks.files import atomic_path, write_json
 from tasks.images import save_png, to_uint8
 from tasks.inception import load_inception
-from tasks.sampling import batches, sample_images
+from tasks.sampling import batches, load_for_sampling, sample_images
 from tasks.tracking import log_evaluation, read_run_id
 
 # DDIM (Song et al. 2021), Table 1: CIFAR-10 FID of 50,000 samples against the training set, quadratic spacing.
@@ -73,17 +72,16 @@ def paper_fid(params: Params, steps: int, eta: float, spacing: str) -> float | N
     return PAPER_FID.get(float(eta), {}).get(steps)
 
 
-def sample_and_score(params: Params, cfg: SampleConfig, ranks: Ranks, images: Path | None) -> FeatureStats:
-    """Draw this process's share of the cell's images and sum their Inception features (``images``: write the
-    images there as PNGs too)."""
-    device = pick_device(cfg.device, ranks.local_rank)
-    model, state = load_model(Path(params.paths.train) / MODEL_FILE, device)
+def sample_and_score(
+    params: Params, cfg: SampleConfig, ranks: Ranks, device: torch.device, images: Path | None
+) -> FeatureStats:
+    """Draw this process's share of the cell's images and merge their Inception features into statistics
+    (``images``: write the images there as PNGs too)."""
+    model, alphas_cumprod = load_for_sampling(params, device)
     amp_dtype, _ = set_precision(cfg.precision, device)
-    alphas_cumprod = on_device(params.diffusion.alphas_cumprod(), device)
-    inception = load_inception(device)
-    stats, image_size = FeatureStats(device=device), state["model_config"]["image_size"]
+    inception, stats = load_inception(device), FeatureStats(device=device)
     for indices in batches(ranks.share(cfg.num_samples), cfg.batch_size):
-        x0, _ = sample_images(model, alphas_cumprod, cfg, indices, image_size, amp_dtype)
+        x0, _ = sample_images(model, alphas_cumprod, cfg, indices, amp_dtype)
         u8 = to_uint8(x0)  # exactly what a PNG of the image would hold
         stats.add(batch_features(inception, torch.from_numpy(u8).permute(0, 3, 1, 2).float().div_(255.0)))
         if images is not None:
@@ -95,12 +93,13 @@ def sample_and_score(params: Params, cfg: SampleConfig, ranks: Ranks, images: Pa
 def run_cell(params: Params, steps: int, eta: float) -> dict[str, Any]:
     """One cell of the sweep: its FID (written to its JSON file and an MLflow child run) and how it was made."""
     cfg, ranks = cell_config(params, steps, eta), Ranks.from_env()
-    ranks.start(pick_device(cfg.device, ranks.local_rank))
+    device = pick_device(cfg.device, ranks.local_rank)
+    ranks.start(device)
     try:
         mu_ref, sigma_ref, ref_count = load_stats(reference_path(params))
         start = time.perf_counter()
         images = cell_path(params, steps, eta).with_suffix("") if params.sweep.images else None
-        stats = sample_and_score(params, cfg, ranks, images)
+        stats = sample_and_score(params, cfg, ranks, device, images)
         stats.reduce()
         seconds = time.perf_counter() - start
     finally:
@@ -206,20 +205,12 @@ def write_table(params: Params) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Per-rank entry point of one cell (``torchrun ... -m tasks.sweep --steps S --eta E --params FILE``)."""
-    parser = argparse.ArgumentParser(description="one process (or rank) of one sweep cell")
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--eta", type=float, required=True)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args(argv)
-    try:
-        cell = run_cell(load_params(args.params, args.overrides), args.steps, args.eta)
-    except UserError as e:
-        print(f"ddim sweep-cell: error: {e}", file=sys.stderr)
-        return 1
-    if cell:
-        print(json.dumps(cell))
-    return 0
+
+    def cell_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--steps", type=int, required=True)
+        parser.add_argument("--eta", type=float, required=True)
+
+    return rank_main("sweep-cell", lambda params, args: run_cell(params, args.steps, args.eta), argv, cell_arguments)
 
 
 if __name__ == "__main__":

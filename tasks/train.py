@@ -31,7 +31,6 @@ import contextlib
 import csv
 import dataclasses
 import functools
-import json
 import signal
 import sys
 import threading
@@ -59,10 +58,10 @@ from tasks.checkpoint import (
     save_model,
     weights_digest,
 )
-from tasks.config import Params, TrainConfig, load_params
+from tasks.config import Params, TrainConfig
 from tasks.dataset import PreparedDataset, dataset_dir
 from tasks.devices import on_device, pick_device, set_precision
-from tasks.distributed import Ranks
+from tasks.distributed import Ranks, rank_main
 from tasks.errors import UserError
 from tasks.files import atomic_path, file_hash, write_json
 from tasks.images import make_grid, to_uint8
@@ -630,19 +629,11 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     """Per-rank entry point (``torchrun ... -m tasks.train --params FILE --set k=v``)."""
-    parser = argparse.ArgumentParser(description="one training process (or rank)")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    try:
-        summary = train(load_params(args.params, args.overrides), stop_after=args.stop_after)
-    except UserError as e:
-        print(f"ddim train: error: {e}", file=sys.stderr)
-        return 1
-    if Ranks.from_env().is_main:
-        print(json.dumps(summary))
-    return 0
+
+    def stop_after(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+
+    return rank_main("train", lambda params, args: train(params, stop_after=args.stop_after), argv, stop_after)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,14 @@ def test_a_changed_sampling_config_starts_over(trained, tmp_path):
     assert not np.array_equal(read_images(out, 4), first)
 
 
+def test_a_model_trained_for_another_diffusion_is_refused(trained, tmp_path):
+    from tasks.checkpoint import ModelFileError
+
+    with pytest.raises(ModelFileError, match="was trained with diffusion=.*params say otherwise"):
+        run_sampling(load_params(trained, ["diffusion.beta_end=0.03", f"paths.samples={tmp_path / 's'}"]))
+    assert not (tmp_path / "s").exists()
+
+
 def test_two_seeds_never_share_an_images_noise(trained, tmp_path):
     # With seed + i, seed 1's image 0 was seed 0's image 1 (eta 0: the same image).
     common = ["sample.num_samples=2", "sample.batch_size=2", "sample.eta=0.0"]
