@@ -178,6 +178,25 @@ def unet_config_from_diffusers(config: dict[str, Any]) -> UNetConfig:
         raise WeightsError(str(e)) from None
 
 
+def diffusers_config(config: UNetConfig) -> dict[str, Any]:
+    """The diffusers ``UNet2DModel`` config of the same network as ``config`` (the inverse of
+    ``unet_config_from_diffusers``): what a side-by-side comparison with diffusers builds."""
+    down = ["AttnDownBlock2D" if size in config.attn_resolutions else "DownBlock2D" for size in config.resolutions]
+    return {
+        **DIFFUSERS_DDPM_SETTINGS,
+        "sample_size": config.image_size,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels or config.in_channels,
+        "block_out_channels": [config.ch * m for m in config.ch_mult],
+        "layers_per_block": config.num_res_blocks,
+        "down_block_types": down,
+        "up_block_types": [kind.replace("Down", "Up") for kind in reversed(down)],
+        "attention_head_dim": None,
+        "dropout": config.dropout,
+        "norm_num_groups": config.num_groups,
+    }
+
+
 def ddpm_config_from_state_dict(state: dict[str, torch.Tensor], image_size: int, dropout: float = 0.0) -> UNetConfig:
     """The UNetConfig of an original-layout DDPM state dict (which does not record its image size)."""
     try:

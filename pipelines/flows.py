@@ -24,7 +24,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import CIFAR10_URL, DataConfig, Params, load_params
+from tasks.config import CIFAR10_URL, DataConfig, Params, TrainConfig, load_params
 from tasks.data import CIFAR10_MD5, cifar10_archive_path, download, prepare_dataset
 from tasks.errors import UserError
 from tasks.evaluate import evaluate_samples
@@ -79,18 +79,28 @@ def prepare_flow(params_file: str = "params.yaml", overrides: list[str] | None =
     return manifest
 
 
-def _torchrun_command(module: str, params_file: str, overrides: list[str], nproc: int, args: list[str]) -> list[str]:
-    sets = [arg for item in overrides for arg in ("--set", item)]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return [*launcher, "-m", module, *args, "--params", params_file, *sets]
+def torchrun_launcher(nproc: int, train: TrainConfig | None = None) -> list[str]:
+    """``torchrun`` for ``nproc`` processes on this machine; with ``train.nnodes > 1``, this machine's share of
+    a job on several, which meet through the c10d rendezvous at ``train.rdzv_endpoint``."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if train is None or train.nnodes == 1:
+        return [*launcher, "--standalone", f"--max-restarts={train.max_restarts if train else 0}"]
+    rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint={train.rdzv_endpoint}", f"--rdzv-id={train.rdzv_id}"]
+    return [*launcher, f"--nnodes={train.nnodes}", *rendezvous, f"--max-restarts={train.max_restarts}"]
 
 
-def run_ranks(module: str, params_file: str, overrides: list[str], nproc: int, args: list[str] = ()) -> Any:
-    """Run ``python -m module`` as ``nproc`` ranks under torchrun, its output streamed into the flow's log;
-    return rank 0's result (its last output line, JSON). A failure raises the ranks' own error line."""
+def run_ranks(module: str, params_file: str, overrides: list[str], launcher: list[str], args: list[str] = ()) -> Any:
+    """Run ``python -m module`` under ``launcher`` (torchrun), its output streamed into the flow's log; return
+    rank 0's result (its last output line, JSON; ``{}`` on the other machines of a multi-node job, where rank 0
+    does not run). A failure raises the ranks' own error line."""
     logger = get_run_logger()
-    command = _torchrun_command(module, params_file, overrides, nproc, list(args))
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    proc = subprocess.Popen(
+        [*launcher, "-m", module, *args, "--params", params_file, *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     last_line, error = "", None
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -98,15 +108,16 @@ def run_ranks(module: str, params_file: str, overrides: list[str], nproc: int, a
         last_line = line.strip() or last_line
         error = line.split(": error: ", 1)[1].strip() if line.startswith("ddim ") and ": error: " in line else error
     if proc.wait() != 0:
-        raise PipelineError(error or f"torchrun with {nproc} processes failed (exit {proc.returncode}): see the log")
-    return json.loads(last_line)
+        raise PipelineError(error or f"{' '.join(launcher[2:])} failed (exit {proc.returncode}): see the log")
+    return json.loads(last_line) if last_line.startswith("{") else {}
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
     params = load_params(params_file, overrides)
-    if params.train.nproc_per_node > 1:  # one rank per process under torchrun
-        return run_ranks("tasks.train", params_file, overrides, params.train.nproc_per_node)
+    if params.train.nproc_per_node > 1 or params.train.nnodes > 1:  # one rank per process under torchrun
+        launcher = torchrun_launcher(params.train.nproc_per_node, params.train)
+        return run_ranks("tasks.train", params_file, overrides, launcher)
     progress_id = create_progress_artifact(0.0, key="training-progress", description="training steps done (%)")
 
     def report(step: int, total: int, _metrics: dict[str, float]) -> None:
@@ -129,7 +140,7 @@ def train_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
 def sample_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     if params.sample.nproc_per_node > 1:
-        return run_ranks("tasks.sample", params_file, overrides, params.sample.nproc_per_node)
+        return run_ranks("tasks.sample", params_file, overrides, torchrun_launcher(params.sample.nproc_per_node))
     return run_sampling(params)
 
 
@@ -170,7 +181,9 @@ def sweep_cell_task(params_file: str, overrides: list[str], steps: int, eta: flo
     params = load_params(params_file, overrides)
     if params.sweep.nproc_per_node > 1:
         cell_args = ["--steps", str(steps), "--eta", str(eta)]
-        return run_ranks("tasks.sweep", params_file, overrides, params.sweep.nproc_per_node, cell_args)
+        return run_ranks(
+            "tasks.sweep", params_file, overrides, torchrun_launcher(params.sweep.nproc_per_node), cell_args
+        )
     return run_cell(params, steps, eta)
 
 

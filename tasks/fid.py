@@ -151,13 +151,31 @@ class FeatureStats:
         return self.mean.cpu().numpy(), (self.m2 / (self.count - 1)).cpu().numpy()
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """pytorch-fid's Frechet distance (it adds a small offset to the covariances when their product is singular)."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), computed as pytorch-fid's ``calculate_frechet_distance``
+    computes it (scipy's ``sqrtm``; ``eps`` on the diagonals when the product is singular; a negligible
+    imaginary part dropped). Our own copy: pytorch-fid 0.3.0 passes ``sqrtm`` an argument that newer scipy
+    releases no longer accept."""
+    from scipy import linalg
 
+    mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise EvaluationError(f"statistics of different sizes: {mu1.shape} and {mu2.shape}")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+        warnings.simplefilter("ignore")  # scipy's notes on ill-conditioned products; the check below decides
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            imaginary = np.abs(covmean.imag).max()
+            raise EvaluationError(f"the FID's matrix square root has an imaginary part of {imaginary:.3g}")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def warn_if_biased(count: int) -> None:

@@ -21,11 +21,15 @@ from tasks.seeds import derive_seed
 
 
 def load_for_sampling(params: Params, device: torch.device) -> tuple[UNet, torch.Tensor]:
-    """``model.pt``'s EMA model on ``device`` and the schedule it was trained for (the params must agree)."""
+    """``model.pt``'s EMA model on ``device`` (compiled when ``sample.compile`` says so) and the schedule it
+    was trained for (the params must agree)."""
     path = Path(params.paths.train) / MODEL_FILE
     model, state = load_model(path, device)
     if params.diffusion.model_dump() != state.get("diffusion"):
         raise ModelFileError(f"{path} was trained with diffusion={state.get('diffusion')}, params say otherwise")
+    compile_ = params.sample.compile
+    if compile_ is True or (compile_ == "auto" and device.type == "cuda"):
+        model = torch.compile(model)  # the same module to every caller: attributes and weights pass through
     return model, on_device(params.diffusion.alphas_cumprod(), device)
 
 

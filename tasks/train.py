@@ -75,7 +75,7 @@ RUN_FILE = "train_run.json"
 # Train keys that a checkpoint may differ in and still be resumed: those that cannot change what is learned
 # (the runtime keys of TrainConfig), plus more steps, another process count or compiling.
 RUNTIME_KEYS = set(TrainConfig.model_fields) - set(TrainConfig.result_keys())
-RESUMABLE_ACROSS = RUNTIME_KEYS | {"steps", "nproc_per_node", "compile"}
+RESUMABLE_ACROSS = RUNTIME_KEYS | {"steps", "nproc_per_node", "nnodes", "compile"}
 
 
 class TrainingError(UserError):
@@ -296,6 +296,21 @@ def lr_at(step: int, base_lr: float, warmup: int) -> float:
     return base_lr * min(1.0, (step + 1) / warmup) if warmup > 0 else base_lr
 
 
+@torch.no_grad()
+def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float, first: bool) -> None:
+    """``ema.update_parameters(model)`` for an ``AveragedModel(model, get_ema_multi_avg_fn(decay),
+    use_buffers=True)``, computed the same way (a copy at the first update, then ``lerp`` by 1 - decay), minus
+    its two reads of ``n_averaged`` from the device per call: host syncs that leave a GPU idle every step.
+    ``first``: the run's first update (``n_averaged`` is 0 exactly when the step is 0)."""
+    averaged = [t.detach() for t in (*ema.module.parameters(), *ema.module.buffers())]
+    current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    if first:
+        torch._foreach_copy_(averaged, current)
+    else:
+        torch._foreach_lerp_(averaged, current, 1 - decay)
+    ema.n_averaged += 1
+
+
 def train_step(run: Run, x0: torch.Tensor, step: int) -> torch.Tensor:
     """One optimization step on the batch ``x0`` (uint8-scaled floats in [-1, 1], as the dataset yields).
 
@@ -320,7 +335,7 @@ def train_step(run: Run, x0: torch.Tensor, step: int) -> torch.Tensor:
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
     run.scaler.step(run.optimizer)  # under fp16, skipped when the gradients overflowed
     run.scaler.update()
-    run.ema.update_parameters(run.model)
+    update_ema(run.ema, run.model, cfg.ema_decay, first=step == 0)
     return torch.stack([loss, losses["mse"].mean(), losses["complexity_term"].mean(), grad_norm]).detach()
 
 

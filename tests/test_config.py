@@ -22,6 +22,7 @@ from tasks.config import (
     profile_names,
     profile_params,
     render_params,
+    validate_params,
 )
 from tasks.train import RESUMABLE_ACROSS
 
@@ -91,8 +92,15 @@ def test_runtime_keys_are_resumable_and_not_result_keys():
     assert runtime == {
         *("device", "num_workers", "log_every", "sample_every", "sample_steps"),
         *("checkpoint_every", "keep_checkpoints", "resume"),
+        *("rdzv_endpoint", "rdzv_id", "max_restarts"),
     }
     assert runtime < RESUMABLE_ACROSS
+
+
+def test_several_machines_need_a_rendezvous_endpoint():
+    with pytest.raises(ConfigError, match="train.nnodes > 1 needs train.rdzv_endpoint"):
+        validate_params({"train": {"nnodes": 2}})
+    assert validate_params({"train": {"nnodes": 2, "rdzv_endpoint": "node0:29400"}}).train.nnodes == 2
 
 
 def test_ddim_profile_prints_or_writes_and_refuses_unknown_profiles(tmp_path, capsys):

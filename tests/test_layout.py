@@ -118,7 +118,14 @@ def test_each_stage_lists_exactly_the_params_that_can_change_what_it_writes():
         "sample": result_keys("diffusion", "sample"),
         "evaluate": [],  # it reads how the images were made from the samples folder itself
         # A cell's own steps and eta are in its command, so adding a value to the grid reruns no other cell.
-        "sweep": [*result_keys("diffusion"), "sample.clip_x0", "sample.seed", "sample.precision", *cell_keys],
+        "sweep": [
+            *result_keys("diffusion"),
+            "sample.clip_x0",
+            "sample.seed",
+            "sample.precision",
+            "sample.compile",
+            *cell_keys,
+        ],
         "sweep-table": ["data.source", "data.split", "data.count", *result_keys("sweep")],
     }
     listed = {name: stage.get("params", []) for name, stage in dvc_stages().items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import signal
 import subprocess
@@ -112,6 +114,28 @@ def test_a_model_trained_for_another_diffusion_is_refused(trained, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow  # compiling on the CPU takes a while
+def test_sample_compile_gives_the_eager_images(trained, tmp_path):
+    """sample.compile=true (what auto does on CUDA) runs the compiled network and gives the eager images."""
+    images = {}
+    for mode in ("true", "false"):
+        run_sampling(load_params(trained, [f"sample.compile={mode}", f"paths.samples={tmp_path / mode}"]))
+        images[mode] = read_images(tmp_path / mode, 8).astype(int)
+    diff = np.abs(images["true"] - images["false"])
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_sample_compile_auto_compiles_on_cuda_only(trained, monkeypatch):
+    from tasks.sampling import load_for_sampling
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    load_for_sampling(load_params(trained), torch.device("cpu"))
+    assert compiled == []
+    load_for_sampling(load_params(trained, ["sample.compile=true"]), torch.device("cpu"))
+    assert len(compiled) == 1
+
+
 def test_two_seeds_never_share_an_images_noise(trained, tmp_path):
     # With seed + i, seed 1's image 0 was seed 0's image 1 (eta 0: the same image).
     common = ["sample.num_samples=2", "sample.batch_size=2", "sample.eta=0.0"]
@@ -167,6 +191,22 @@ def test_frechet_distance_against_a_hand_computation():
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(inner))
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
     assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_is_pytorch_fids(recwarn):
+    """Our copy of pytorch-fid's calculate_frechet_distance (which newer scipy releases break) gives its numbers,
+    on well-conditioned and on singular covariances (where both add the same offset)."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(1)
+    for n, d in ((300, 16), (10, 64)):
+        (mu1, s1), (mu2, s2) = statistics(rng.normal(size=(n, d))), statistics(rng.normal(size=(n, d)) + 0.2)
+        with contextlib.redirect_stdout(io.StringIO()):
+            try:
+                theirs = float(calculate_frechet_distance(mu1, s1, mu2, s2))
+            except TypeError:  # sqrtm(..., disp=False) on a scipy without that argument
+                pytest.skip("pytorch-fid's calculate_frechet_distance does not run on this scipy")
+        assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(theirs, rel=1e-12, abs=1e-12)
 
 
 def test_fid_numerics_small_sets_and_too_few_images(tmp_path):

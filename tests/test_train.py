@@ -382,3 +382,86 @@ def test_ddim_runs_table_keeps_the_newest_repeat_and_blanks_settings_of_other_sa
     assert adaptive["sampler"] == "adaptive" and adaptive["base_step"] == "2.0"
     assert pd.isna(adaptive["steps"]) and pd.isna(adaptive["spacing"])
     assert table.iloc[0]["steps"] == "50" and pd.isna(table.iloc[0]["base_step"])
+
+
+def test_update_ema_is_averaged_models_update_bit_for_bit():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from models.unet import UNetConfig
+    from tasks.train import update_ema
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(image_size=8, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=()))
+    theirs, ours = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True) for _ in "ab")
+    for step in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        theirs.update_parameters(model)
+        update_ema(ours, model, 0.9, first=step == 0)
+        assert all(
+            torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), ours.state_dict().values(), strict=True)
+        )
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, mlflow_uri, monkeypatch):
+    """A read of a device tensor on the host (bool, item, tolist, float) waits for the GPU: the step has none,
+    so the GPU never idles between steps (the loop reads the loss only at log steps). Adam's step counters
+    are exempt: they live on the CPU on every device."""
+    from tasks.train import batches, build_run, train_step
+
+    run = build_run(load_params(setup_run(tmp_path, mlflow_uri)))
+    data = batches(run, 3)
+    train_step(run, next(data)[1], 0)  # the first step (a copy into the EMA) and first-call set-up
+
+    counters = {id(state["step"]) for state in run.optimizer.state.values()}
+
+    def refuse(name):
+        original = getattr(torch.Tensor, name)
+
+        def read_back(tensor, *args):
+            assert id(tensor) in counters, f"Tensor.{name} of a {tuple(tensor.shape)} tensor inside train_step"
+            return original(tensor, *args)
+
+        return read_back
+
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    for step in (1, 2):
+        train_step(run, next(data)[1], step)
+
+
+@pytest.mark.integration
+def test_two_machines_meet_at_a_rendezvous_and_train_as_two_ranks(tmp_path, mlflow_uri):
+    """train.nnodes=2: two launchers (here both on 127.0.0.1, one process each, the checkpoints on a shared
+    folder) meet through torchrun's c10d rendezvous and train exactly as one machine with two processes."""
+    import socket
+
+    from pipelines.flows import torchrun_launcher
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = setup_run(tmp_path, mlflow_uri, steps=4, batch_size=8, log_every=2, checkpoint_every=2)
+    nodes = ["train.nnodes=2", f"train.rdzv_endpoint=127.0.0.1:{port}", "train.rdzv_id=test"]
+    launcher = torchrun_launcher(1, load_params(params, nodes).train)
+    assert "--rdzv-backend=c10d" in launcher and "--nnodes=2" in launcher and "--standalone" not in launcher
+    sets = [arg for item in nodes for arg in ("--set", item)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [*launcher, "-m", "tasks.train", "--params", str(params), *sets]
+    machines = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env) for _ in "ab"]
+    outputs = [m.communicate(timeout=300)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0]
+    summaries = [json.loads(line) for out in outputs for line in out.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["ranks_in_sync"] is True and summaries[0]["step"] == 4
+
+    one_machine = subprocess.run(
+        [*torchrun_launcher(2), "-m", "tasks.train", "--params", str(params), "--set", "train.resume=never"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert one_machine.returncode == 0, one_machine.stderr[-2000:]
+    assert json.loads(one_machine.stdout.splitlines()[-1])["weights_sha256"] == summaries[0]["weights_sha256"]

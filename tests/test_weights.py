@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from models.unet import UNet, UNetConfig
-from models.weights import WeightsError, convert_state_dict, ddpm_config_from_state_dict, unet_config_from_diffusers
+from models.weights import (
+    WeightsError,
+    convert_state_dict,
+    ddpm_config_from_state_dict,
+    diffusers_config,
+    unet_config_from_diffusers,
+)
 
 # google/ddpm-cifar10-32's config.json (the settings that matter; the rest are UNet2DModel's defaults).
 DDPM_CIFAR10 = {
@@ -40,6 +46,27 @@ def diffusers_ddpm():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     return model
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        UNetConfig.ddpm_cifar10(),
+        UNetConfig(image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0),
+    ],
+)
+def test_diffusers_config_is_the_inverse_of_reading_one(config):
+    from diffusers import UNet2DModel
+
+    settings = diffusers_config(config)
+    assert unet_config_from_diffusers(settings) == config
+    theirs = UNet2DModel(**settings)
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in UNet(config).parameters())
+
+
+def test_diffusers_config_of_ddpm_cifar10_is_googles():
+    settings = diffusers_config(UNetConfig.ddpm_cifar10())
+    assert {k: settings[k] for k in DDPM_CIFAR10} == DDPM_CIFAR10
 
 
 def eps_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
