@@ -7,9 +7,11 @@ overrides, validated before any work starts. Errors the user can fix print one l
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -115,10 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _NoTracebackOnConsole(logging.Filter):
-    """Prefect logs a failed flow's traceback; the CLI prints the one-line error itself instead."""
+    """Prefect logs a failed flow's traceback; the CLI prints the one-line error itself instead (for the
+    errors it explains: the pipeline's own, and the operating system's, such as a full disk)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None and isinstance(record.exc_info[1], UserError):
+        if record.exc_info and isinstance(record.exc_info[1], UserError | OSError):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -197,7 +200,8 @@ def run_runs(args: argparse.Namespace) -> int:
         import pandas as pd
 
         with pd.option_context("display.max_columns", None, "display.width", 200):
-            print(table.to_string(index=False, na_rep=""))  # blank: does not apply to that sampler
+            blank = {c: table[c].map(lambda v: "" if v is None else v) for c in table if table[c].dtype == object}
+            print(table.assign(**blank).to_string(index=False, na_rep=""))  # blank: not that sampler's setting
     if args.csv:
         table.to_csv(args.csv, index=False)
     return 0
@@ -213,6 +217,12 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=args.cron)
+    except ValueError:
+        raise UserError(f"--cron {args.cron!r} is not a cron schedule: five fields, e.g. '0 3 * * *'") from None
     from pipelines.flows import pipeline_flow
 
     pipeline_flow.serve(name=args.name, cron=args.cron)
@@ -226,12 +236,16 @@ def run_report(args: argparse.Namespace) -> int:
     metrics_path = Path(params.paths.metrics)
     if not metrics_path.is_file():
         raise UserError(f"{metrics_path} not found: run the pipeline first (make demo, or dvc repro)")
-    m = json.loads(metrics_path.read_text())
-    how = f"{m['sampler']}, {m['steps']} steps, eta {m['eta']}" if m["sampler"] == "ddim" else "adaptive"
-    print(
-        f"FID {m['fid']:.2f} on {m['num_samples']} samples ({how}; NFE {m['nfe']:.1f}) "
-        f"against {m['reference_count']} dataset images"
-    )
+    try:
+        m = json.loads(metrics_path.read_text())
+        how = f"{m['sampler']}, {m['steps']} steps, eta {m['eta']}" if m["sampler"] == "ddim" else "adaptive"
+        summary = (
+            f"FID {m['fid']:.2f} on {m['num_samples']} samples ({how}; NFE {m['nfe']:.1f}) "
+            f"against {m['reference_count']} dataset images"
+        )
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{metrics_path} is not a metrics file of ddim evaluate: run `ddim evaluate` again") from None
+    print(summary)
     if m["num_samples"] < 2048:
         print("  (FID from fewer than 2,048 images is biased upwards: compare it only at equal sample counts)")
     print(f"sample grid:    {Path(params.paths.samples) / 'grid.png'}")
@@ -283,6 +297,33 @@ COMMANDS = {
 STAGES = ("prepare", "train", "sample", "reference", "pipeline", "sweep", "sweep-cell", "sweep-table")
 
 
+OS_ERROR_FIXES = {
+    errno.ENOSPC: "free some space, or point the paths section elsewhere",
+    errno.EDQUOT: "free some space, or point the paths section elsewhere",
+    errno.EACCES: "make it writable, or point the paths section elsewhere",
+    errno.EPERM: "make it writable, or point the paths section elsewhere",
+    errno.EROFS: "the filesystem is read-only: point the paths section elsewhere",
+    errno.ENOENT: "check the path",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an error of the operating system: what, where, and the fix."""
+    where = f": {e.filename}" if e.filename else ""
+    fix = OS_ERROR_FIXES.get(e.errno)
+    return f"{e.strerror or e}{where}" + (f" ({fix})" if fix else "")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. Raised in the main thread, it unwinds the stage as Ctrl-C does: every file is written
+    atomically, so nothing half-done looks complete, and a rerun continues (training first checkpoints: its
+    own handler takes SIGTERM while it runs)."""
+
+
+def _terminate(_signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -292,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     # The pipeline runs offline: no usage telemetry from Prefect's temporary server (set it to true to allow).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     runs_a_flow = args.command in STAGES or (args.command == "evaluate" and not args.paths)
+    previous_handler = signal.signal(signal.SIGTERM, _terminate) if runs_a_flow else None
     try:
         server = TemporaryServer.launch() if runs_a_flow else None  # it boots while we check and import
         if runs_a_flow:
@@ -306,6 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ddim {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a read-only or missing folder, a file that cannot be read
+        print(f"ddim {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print(f"ddim {args.command}: stopped by SIGTERM: rerun the same command to finish", file=sys.stderr)
+        return 143
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,12 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
     except (TypeError, ValueError, RuntimeError) as e:
         first_line = str(e).strip().splitlines()[0]
         raise ModelFileError(f"{path} does not hold a U-Net of its own model_config ({first_line})") from None
+    broken = [name for name, tensor in model.state_dict().items() if not torch.isfinite(tensor).all()]
+    if broken:
+        raise ModelFileError(
+            f"{path} holds NaN or infinite weights ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''}): "
+            "it would sample blank images; train again or use an earlier checkpoint"
+        )
     return model.to(device).eval(), state
 
 

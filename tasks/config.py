@@ -251,10 +251,13 @@ class SweepConfig(Section):
 class EvaluateConfig(Section):
     """The ``evaluate`` section: FID against the prepared dataset's Inception statistics."""
 
-    reference_count: int | None = Field(None, description="dataset images in the FID reference (null: all)")
+    reference_count: int | None = Field(None, ge=2, description="dataset images in the FID reference (null: all)")
     batch_size: int = runtime(200, "images per Inception call", ge=1)
     num_workers: int = runtime(4, "image-decoding processes", ge=0)
     device: Device = runtime("auto", "auto | cuda | mps | cpu")
+
+
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
 class TrackingConfig(Section):
@@ -262,6 +265,16 @@ class TrackingConfig(Section):
 
     uri: str | None = runtime(None, "MLflow tracking URI (null: sqlite:///<current dir>/mlflow.db)")
     experiment: str = runtime("ddim", "MLflow experiment name")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, uri: str | None) -> str | None:
+        scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if uri and ":" in uri else ""
+        if uri and scheme not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"{uri!r} is not an MLflow tracking URI: use one of {', '.join(TRACKING_SCHEMES)}:// or a path"
+            )
+        return uri
 
 
 class Params(Section):
@@ -347,9 +360,11 @@ def validate_params(raw: dict[str, Any], source: str = "params") -> Params:
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (an empty file is an empty mapping)."""
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return raw

@@ -16,6 +16,7 @@ Sources (``data.source``):
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import shutil
@@ -49,6 +50,28 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # ---------------------------------------------------------------------------------------------------------
 # Writing a prepared dataset
 # ---------------------------------------------------------------------------------------------------------
+
+
+def check_replaceable(final: Path) -> None:
+    """Refuse to replace ``final`` unless it is a prepared dataset of this pipeline (or absent or empty): the
+    swap below deletes the old folder, and a folder of anything else is not ours to delete."""
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise DataError(f"{final} is a file, not a prepared dataset: choose another data.name or paths.prepared")
+    ours = {ARRAY, MANIFEST, PREVIEW}
+    foreign = sorted(p.name for p in final.iterdir() if p.name not in ours and not p.name.endswith(".tmp"))
+    manifest = final / MANIFEST
+    try:
+        recognised = not any(final.iterdir()) or "format_version" in json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        recognised = False
+    if foreign or not recognised:
+        what = ", ".join(foreign[:3]) if foreign else f"no {MANIFEST} of this pipeline"
+        raise DataError(
+            f"{final} is not a prepared dataset of this pipeline ({what}) and preparing would replace it: "
+            "choose another data.name or paths.prepared"
+        )
 
 
 @contextmanager
@@ -131,6 +154,7 @@ def prepare_dataset(
     ``cifar10_md5`` exists so tests can serve a small archive; production uses the real MD5.
     """
     start = time.perf_counter()
+    check_replaceable(dataset_dir(data, paths))
     capacity, images, extra = open_source(data, paths, archive, cifar10_md5)
     with atomic_directory(dataset_dir(data, paths)) as tmp:
         writer = ArrayWriter(tmp / ARRAY, capacity, data.image_size)

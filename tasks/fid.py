@@ -163,6 +163,8 @@ def frechet_distance(
     mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise EvaluationError(f"statistics of different sizes: {mu1.shape} and {mu2.shape}")
+    if not all(np.isfinite(x).all() for x in (mu1, mu2, sigma1, sigma2)):
+        raise EvaluationError("the Inception statistics hold NaN or infinite values: recompute them (delete the .npz)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # scipy's notes on ill-conditioned products; the check below decides
         covmean = linalg.sqrtm(sigma1.dot(sigma2))
@@ -175,7 +177,10 @@ def frechet_distance(
             raise EvaluationError(f"the FID's matrix square root has an imaginary part of {imaginary:.3g}")
         covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    fid = float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    if not np.isfinite(fid):
+        raise EvaluationError(f"the FID came out as {fid}: the statistics are degenerate")
+    return fid
 
 
 def warn_if_biased(count: int) -> None:

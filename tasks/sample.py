@@ -9,12 +9,15 @@ sample`` runs ``torchrun``, and rank r of W draws images r, r + W, ...). Output 
 - ``nfe.rank<r>.npy`` (model evaluations per image, as each process wrote them) and ``config.json`` (what
   made the images), which let a rerun after a kill continue with the batch holding the first missing image;
   a different config starts over. A rerun that finds every image made by the same config changes nothing.
+
+Starting over deletes only these files. A folder that holds anything else (or a ``config.json`` this stage
+did not write) is refused with one line, before any file in it is touched.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,11 +31,18 @@ from tasks.checkpoint import MODEL_FILE
 from tasks.config import Params, SampleConfig
 from tasks.devices import pick_device, set_precision
 from tasks.distributed import Ranks, rank_main
+from tasks.errors import UserError
 from tasks.files import atomic_path, file_hash, write_json
 from tasks.images import make_grid, read_png, save_png, to_uint8
 from tasks.sampling import batches, load_for_sampling, sample_images
 
 IMAGES = "images"
+OWN_FILES = re.compile(r"config\.json|sample_stats\.json|grid\.png|nfe\.rank\d+\.npy|\..+\.tmp")
+OWN_IMAGES = re.compile(r"\d{6}\.png|\..+\.tmp")  # .tmp: an atomic write cut short by a kill
+
+
+class SampleOutputError(UserError):
+    """``paths.samples`` holds files the sample stage did not write."""
 
 
 def image_path(folder: Path, index: int) -> Path:
@@ -56,21 +66,72 @@ def sampling_identity(cfg: SampleConfig, model_path: Path) -> dict[str, Any]:
     return {"sample": cfg.model_dump(include=set(cfg.result_keys())), "model_sha256": file_hash(model_path)}
 
 
+def foreign_entries(out: Path) -> list[str]:
+    """The entries of ``out`` that this stage does not write (none in a folder it made itself)."""
+
+    def own(entry: Path, pattern: re.Pattern[str]) -> bool:
+        return bool(pattern.fullmatch(entry.name)) and entry.is_file() and not entry.is_symlink()
+
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name == IMAGES and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"{IMAGES}/{e.name}" for e in sorted(entry.iterdir()) if not own(e, OWN_IMAGES)]
+        elif not own(entry, OWN_FILES):
+            foreign.append(entry.name)
+    return foreign
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``; None if it is missing or not a JSON object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_identity(config_path: Path) -> dict[str, Any] | None:
+    """The identity a ``config.json`` of this stage records; None if there is none or it is not ours."""
+    identity = read_json(config_path)
+    return identity if identity is not None and set(identity) == {"sample", "model_sha256"} else None
+
+
 def open_output(out: Path, identity: dict[str, Any], num_samples: int) -> dict[str, Any] | None:
     """Make ``out`` ready for the images ``identity`` describes; their stats if every one is already there.
 
-    A folder whose ``config.json`` records another config or model starts over.
+    A folder of this stage's files made by another config or model starts over (its files are deleted, one
+    by one); a folder holding anything else is an error, and nothing in it is touched.
     """
     config_path, stats_path = out / "config.json", out / "sample_stats.json"
-    if config_path.is_file() and json.loads(config_path.read_text()) != identity:
-        shutil.rmtree(out)
-    elif config_path.is_file() and stats_path.is_file():
-        stats = json.loads(stats_path.read_text())
-        if stats["complete"] and count_done(out, num_samples) == num_samples:
-            return stats
+    if out.exists() and not out.is_dir():
+        raise SampleOutputError(f"paths.samples={out} is a file, not a folder: point it at a new or empty folder")
+    if out.is_dir():
+        foreign = foreign_entries(out)
+        if config_path.exists() and read_identity(config_path) is None:
+            foreign.insert(0, "config.json (not written by ddim sample)")
+        if foreign:
+            listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise SampleOutputError(
+                f"paths.samples={out} holds files that ddim sample did not write ({listed}): "
+                f"point paths.samples at a new or empty folder"
+            )
+        if read_identity(config_path) != identity:
+            delete_own_files(out)
+        else:
+            stats = read_json(stats_path)  # unreadable (a kill mid-write cannot do it): sampled again
+            if stats and stats.get("complete") and count_done(out, num_samples) == num_samples:
+                return stats
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     write_json(identity, config_path)
     return None
+
+
+def delete_own_files(out: Path) -> None:
+    """Delete this stage's files from ``out`` (which ``foreign_entries`` found to hold nothing else)."""
+    for folder in (out / IMAGES, out):
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            if entry.is_file():
+                entry.unlink()
 
 
 def generate(

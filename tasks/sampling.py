@@ -17,7 +17,12 @@ from models.unet import UNet
 from tasks.checkpoint import MODEL_FILE, ModelFileError, load_model
 from tasks.config import Params, SampleConfig
 from tasks.devices import on_device
+from tasks.errors import UserError
 from tasks.seeds import derive_seed
+
+
+class SamplingError(UserError):
+    """The sampler produced something that is not an image."""
 
 
 def load_for_sampling(params: Params, device: torch.device) -> tuple[UNet, torch.Tensor]:
@@ -67,4 +72,8 @@ def sample_images(
                 cfg.complexity_mode,
                 generators,
             )
+    if not torch.isfinite(x0).all():  # one read per batch; a blank image must never pass for a sample
+        raise SamplingError(
+            f"images {indices[0]}..{indices[-1]} came out NaN or infinite: try sample.precision=fp32 or check model.pt"
+        )
     return x0.float(), nfe.cpu()

@@ -20,6 +20,7 @@ from PIL import Image
 
 from tasks.config import ConfigError, DataConfig, PathsConfig, load_params
 from tasks.data import prepare_dataset, shape_image
+from tasks.dataset import MANIFEST as MANIFEST_NAME
 from tasks.dataset import DataError, PreparedDataset, load_manifest
 from tasks.images import to_uint8
 
@@ -268,6 +269,29 @@ def test_a_failed_run_keeps_the_previous_dataset(tmp_path):
         prepare_dataset(folder(tmp_path / "imgs"), paths)
     assert load_manifest(tmp_path / "prepared" / "f")["sha256"] == before["sha256"]
     assert leftovers(tmp_path / "prepared") == []
+
+
+def test_a_folder_that_is_not_a_prepared_dataset_is_never_replaced(tmp_path):
+    """data.name (or paths.prepared) pointing at a folder of the user's is refused before any work; a
+    prepared dataset of this pipeline, and an empty folder, are replaced as before."""
+    paths = paths_in(tmp_path)
+    users = tmp_path / "prepared" / "s"
+    users.mkdir(parents=True)
+    (users / "thesis.tex").write_text("mine")
+    (users / MANIFEST_NAME).write_text('{"mine": true}')
+    with pytest.raises(DataError, match=r"is not a prepared dataset of this pipeline \(thesis.tex\)"):
+        prepare_dataset(shapes(), paths)
+    assert (users / "thesis.tex").read_text() == "mine"
+    (users / "thesis.tex").unlink()
+    with pytest.raises(DataError, match=r"\(no manifest.json of this pipeline\)"):
+        prepare_dataset(shapes(), paths)
+    assert (users / MANIFEST_NAME).read_text() == '{"mine": true}'
+    (users / MANIFEST_NAME).unlink()
+    first = prepare_dataset(shapes(), paths)  # an empty folder is fine
+    assert prepare_dataset(shapes(count=50), paths)["count"] == 50 != first["count"]  # ours: replaced
+    (tmp_path / "prepared" / "file").write_text("x")
+    with pytest.raises(DataError, match="is a file, not a prepared dataset"):
+        prepare_dataset(shapes(name="file"), paths)
 
 
 def test_all_images_unreadable(tmp_path):

@@ -106,6 +106,67 @@ def test_a_changed_sampling_config_starts_over(trained, tmp_path):
     assert not np.array_equal(read_images(out, 4), first)
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holding_files_the_stage_did_not_write_is_refused_untouched(trained, tmp_path):
+    """paths.samples pointed at a folder of other files (here one like results/, with train/model.pt in it)
+    is one error, and every file in it stays as it was, also when its config.json is the stage's own."""
+    from tasks.sample import SampleOutputError
+
+    out = tmp_path / "results"
+    run_sampling(load_params(trained, [f"paths.samples={out}", "sample.num_samples=2"]))
+    (out / "train").mkdir()
+    (out / "train" / "model.pt").write_bytes(b"the user's model")
+    (out / "images" / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(SampleOutputError, match=r"did not write \(images/notes.txt, train\): point paths.samples"):
+        run_sampling(load_params(trained, [f"paths.samples={out}", "sample.num_samples=2", "sample.steps=3"]))
+    assert snapshot(out) == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    with pytest.raises(SampleOutputError, match=r"config.json \(not written by ddim sample\)"):
+        run_sampling(load_params(trained, [f"paths.samples={mine}"]))
+    assert snapshot(mine) == {"config.json": b'{"my": "settings"}'}
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SampleOutputError, match="is a file, not a folder"):
+        run_sampling(load_params(trained, [f"paths.samples={tmp_path / 'a-file'}"]))
+
+
+@pytest.mark.integration
+def test_ddim_sample_refuses_a_foreign_folder_with_one_line(trained, tmp_path):
+    from conftest import cli_env
+
+    out = tmp_path / "results"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "model.pt").write_bytes(b"the user's model")
+    ddim = str(Path(sys.executable).with_name("ddim"))
+    cli = subprocess.run(
+        [ddim, "sample", "--params", str(trained), "--set", f"paths.samples={out}"],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        timeout=300,
+    )
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert cli.stderr.strip().splitlines()[-1] == (
+        f"ddim sample: error: paths.samples={out} holds files that ddim sample did not write (train): "
+        "point paths.samples at a new or empty folder"
+    )
+    assert snapshot(out) == {"train/model.pt": b"the user's model"}
+
+
+def test_starting_over_deletes_the_stages_files_and_leftovers_of_a_kill(trained, tmp_path):
+    out = tmp_path / "s"
+    run_sampling(load_params(trained, [f"paths.samples={out}", "sample.num_samples=3"]))
+    (out / "images" / ".000007.png.abc123.tmp").write_bytes(b"cut short by a kill")
+    run_sampling(load_params(trained, [f"paths.samples={out}", "sample.num_samples=2", "sample.steps=3"]))
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
+
+
 def test_a_model_trained_for_another_diffusion_is_refused(trained, tmp_path):
     from tasks.checkpoint import ModelFileError
 
@@ -285,3 +346,91 @@ def test_sample_reference_evaluate_flows(prefect_server, trained):
     assert child.data.metrics["fid"] == pytest.approx(metrics["fid"])
     assert child.data.params["sample.steps"] == "5"
     assert "grid.png" in {a.path for a in client.list_artifacts(child.info.run_id)}
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1][0]
+    except (OSError, IndexError):
+        return False
+    return state not in "ZX"  # a zombie has exited; only its exit status waits to be collected
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the server's parent-death signal is Linux's")
+def test_sigterm_stops_ddim_sample_with_one_line_and_sigkill_leaves_no_server(trained, tmp_path):
+    from conftest import cli_env
+
+    out = tmp_path / "s"
+    ddim = str(Path(sys.executable).with_name("ddim"))
+    command = [ddim, "sample", "--params", str(trained), "--set", f"paths.samples={out}"]
+    command += ["--set", "sample.num_samples=4000", "--set", "sample.steps=20"]
+
+    def start_and_wait_for_images() -> subprocess.Popen:
+        proc = subprocess.Popen(
+            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=cli_env(tmp_path)
+        )
+        deadline = time.monotonic() + 120
+        while not (out / "images" / "000008.png").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()
+        return proc
+
+    proc = start_and_wait_for_images()
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == "ddim sample: stopped by SIGTERM: rerun the same command to finish"
+    assert not (out / "sample_stats.json").exists()  # written only when the images are all there
+
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(tmp_path))
+    deadline = time.monotonic() + 60
+    while not (servers := _children(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert servers, "the stage runs its own temporary Prefect server"
+    time.sleep(3)  # the stage is under way
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in servers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in servers), "the temporary Prefect server outlived its killed stage"
+
+
+def test_nothing_non_finite_passes_silently(trained, tmp_path):
+    """NaN weights, NaN samples and NaN statistics are errors, never a black image or `FID: nan`."""
+    from tasks.checkpoint import ModelFileError, load_model
+    from tasks.config import ConfigError
+    from tasks.sampling import SamplingError, load_for_sampling, sample_images
+
+    params = load_params(trained)
+    model, alphas = load_for_sampling(params, torch.device("cpu"))
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(SamplingError, match=r"images 0..1 came out NaN or infinite"):
+        sample_images(model, alphas, params.sample, [0, 1], None)
+
+    state = torch.load(Path(params.paths.train) / "model.pt", weights_only=True)
+    state["ema"] = {k: torch.full_like(v, float("inf")) if k.endswith("bias") else v for k, v in state["ema"].items()}
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(ModelFileError, match="holds NaN or infinite weights"):
+        load_model(tmp_path / "model.pt")
+
+    mu, sigma = np.zeros(4), np.eye(4)
+    with pytest.raises(EvaluationError, match="NaN or infinite"):
+        frechet_distance(mu, sigma, mu + np.nan, sigma)
+    with pytest.raises(ConfigError, match="reference_count"):
+        load_params(trained, ["evaluate.reference_count=-60"])
