@@ -33,6 +33,10 @@ RUN_BY = {
     ".venv/bin/ddim pipeline --set train.nproc_per_node=8 --set train.batch_size=16": (
         "tests/test_flows.py::test_train_flow_single_process_and_torchrun"
     ),
+    # Two launchers on 127.0.0.1, one process each, meeting at a c10d rendezvous.
+    ".venv/bin/ddim train --set train.nnodes=2 --set train.nproc_per_node=8 --set train.rdzv_endpoint=node0:29400": (
+        "tests/test_train.py::test_two_machines_meet_at_a_rendezvous_and_train_as_two_ranks"
+    ),
     # The celebahq profile's 64 px model is too big for a test: the micro profile with data.source=folder.
     ".venv/bin/ddim profile celebahq": "tests/test_config.py::test_every_profile_is_valid",
     ".venv/bin/ddim pipeline --set data.path=/datasets/celeba_hq.zip": (
