@@ -16,9 +16,9 @@ Sources (``data.source``):
 from __future__ import annotations
 
 import io
-import json
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import time
@@ -37,9 +37,9 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from tasks.config import DataConfig, PathsConfig
-from tasks.dataset import ARRAY, FORMAT_VERSION, MANIFEST, PREVIEW, DataError, array_sha256, dataset_dir
+from tasks.dataset import ARRAY, FORMAT_VERSION, MANIFEST, PREVIEW, DataError, array_sha256, dataset_dir, load_manifest
 from tasks.download import DownloadError, fetch
-from tasks.files import file_hash, write_json
+from tasks.files import file_hash, foreign_entries, write_json
 from tasks.images import make_grid, save_png
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -52,6 +52,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # ---------------------------------------------------------------------------------------------------------
 
 
+OWN_DATASET_FILES = re.compile("|".join(map(re.escape, (ARRAY, MANIFEST, PREVIEW))) + r"|\..+\.tmp")
+
+
 def check_replaceable(final: Path) -> None:
     """Refuse to replace ``final`` unless it is a prepared dataset of this pipeline (or absent or empty): the
     swap below deletes the old folder, and a folder of anything else is not ours to delete."""
@@ -59,12 +62,10 @@ def check_replaceable(final: Path) -> None:
         return
     if not final.is_dir():
         raise DataError(f"{final} is a file, not a prepared dataset: choose another data.name or paths.prepared")
-    ours = {ARRAY, MANIFEST, PREVIEW}
-    foreign = sorted(p.name for p in final.iterdir() if p.name not in ours and not p.name.endswith(".tmp"))
-    manifest = final / MANIFEST
+    foreign = foreign_entries(final, OWN_DATASET_FILES)
     try:
-        recognised = not any(final.iterdir()) or "format_version" in json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        recognised = not any(final.iterdir()) or "format_version" in load_manifest(final)
+    except (DataError, OSError, UnicodeDecodeError, ValueError, TypeError):
         recognised = False
     if foreign or not recognised:
         what = ", ".join(foreign[:3]) if foreign else f"no {MANIFEST} of this pipeline"

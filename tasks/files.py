@@ -1,4 +1,4 @@
-"""Small file helpers shared by the stages: atomic writes, JSON, hashes, torch files.
+"""Small file helpers shared by the stages: atomic writes, JSON, hashes, torch files, what a stage wrote.
 
 Every file the pipeline writes goes through :func:`atomic_path`: it is written under a temporary name beside
 its final path and renamed into place only when complete, so a reader (or a rerun after a crash) sees either
@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,23 @@ def save_torch(obj: Any, path: str | Path) -> None:
     """
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
+
+
+def foreign_entries(
+    folder: Path, own: re.Pattern[str], subfolders: Mapping[str, re.Pattern[str]] | None = None
+) -> list[str]:
+    """The entries of ``folder`` that a stage did not write: each that is not a plain file whose name ``own``
+    matches, and inside each plain folder named in ``subfolders``, each that its pattern does not match. Empty
+    for a folder the stage made itself: what a stage may delete or replace is decided here."""
+
+    def is_own(entry: Path, pattern: re.Pattern[str]) -> bool:
+        return bool(pattern.fullmatch(entry.name)) and entry.is_file() and not entry.is_symlink()
+
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        inner = (subfolders or {}).get(entry.name)
+        if inner is not None and entry.is_dir() and not entry.is_symlink():
+            foreign += [f"{entry.name}/{e.name}" for e in sorted(entry.iterdir()) if not is_own(e, inner)]
+        elif not is_own(entry, own):
+            foreign.append(entry.name)
+    return foreign

@@ -32,7 +32,7 @@ from tasks.config import Params, SampleConfig
 from tasks.devices import pick_device, set_precision
 from tasks.distributed import Ranks, rank_main
 from tasks.errors import UserError
-from tasks.files import atomic_path, file_hash, write_json
+from tasks.files import atomic_path, file_hash, foreign_entries, write_json
 from tasks.images import make_grid, read_png, save_png, to_uint8
 from tasks.sampling import batches, load_for_sampling, sample_images
 
@@ -66,21 +66,6 @@ def sampling_identity(cfg: SampleConfig, model_path: Path) -> dict[str, Any]:
     return {"sample": cfg.model_dump(include=set(cfg.result_keys())), "model_sha256": file_hash(model_path)}
 
 
-def foreign_entries(out: Path) -> list[str]:
-    """The entries of ``out`` that this stage does not write (none in a folder it made itself)."""
-
-    def own(entry: Path, pattern: re.Pattern[str]) -> bool:
-        return bool(pattern.fullmatch(entry.name)) and entry.is_file() and not entry.is_symlink()
-
-    foreign = []
-    for entry in sorted(out.iterdir()):
-        if entry.name == IMAGES and entry.is_dir() and not entry.is_symlink():
-            foreign += [f"{IMAGES}/{e.name}" for e in sorted(entry.iterdir()) if not own(e, OWN_IMAGES)]
-        elif not own(entry, OWN_FILES):
-            foreign.append(entry.name)
-    return foreign
-
-
 def read_json(path: Path) -> dict[str, Any] | None:
     """The JSON object in ``path``; None if it is missing or not a JSON object."""
     try:
@@ -106,8 +91,8 @@ def open_output(out: Path, identity: dict[str, Any], num_samples: int) -> dict[s
     if out.exists() and not out.is_dir():
         raise SampleOutputError(f"paths.samples={out} is a file, not a folder: point it at a new or empty folder")
     if out.is_dir():
-        foreign = foreign_entries(out)
-        if config_path.exists() and read_identity(config_path) is None:
+        foreign, recorded = foreign_entries(out, OWN_FILES, {IMAGES: OWN_IMAGES}), read_identity(config_path)
+        if config_path.exists() and recorded is None:
             foreign.insert(0, "config.json (not written by ddim sample)")
         if foreign:
             listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
@@ -115,7 +100,7 @@ def open_output(out: Path, identity: dict[str, Any], num_samples: int) -> dict[s
                 f"paths.samples={out} holds files that ddim sample did not write ({listed}): "
                 f"point paths.samples at a new or empty folder"
             )
-        if read_identity(config_path) != identity:
+        if recorded != identity:
             delete_own_files(out)
         else:
             stats = read_json(stats_path)  # unreadable (a kill mid-write cannot do it): sampled again
