@@ -283,6 +283,38 @@ def ddim_encode(
     return x
 
 
+def ddim_reconstruct(
+    eps_model: EpsModel, x_0: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, clip_x0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM's section 5.4: encode ``x_0`` to its latent x_T over ``timesteps`` and decode it back (eta = 0, the
+    same timesteps). Returns ``(reconstruction, latent)``; they differ from ``x_0`` and the true latent only by
+    the ODE's discretisation error (first order: it shrinks like 1 / steps)."""
+    latent = ddim_encode(eps_model, x_0, alphas_cumprod, timesteps)
+    return ddim_sample(eps_model, latent, alphas_cumprod, timesteps, 0.0, clip_x0), latent
+
+
+def slerp(z_0: torch.Tensor, z_1: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical linear interpolation of each sample's latent (all dims but the first), DDIM's section 5.3:
+    ``sin((1 - t) theta) / sin(theta) z_0 + sin(t theta) / sin(theta) z_1``, theta the angle between them.
+
+    Two independent Gaussian latents are nearly orthogonal and of norm ~sqrt(dims); every point of the arc
+    keeps that norm, where the straight line's midpoint has ~0.71 of it (an atypical, blurry latent).
+    Parallel latents (theta ~ 0) fall back to the straight line."""
+    flat_0, flat_1 = z_0.flatten(1).double(), z_1.flatten(1).double()
+    cos = (flat_0 * flat_1).sum(1) / (flat_0.norm(dim=1) * flat_1.norm(dim=1))
+    theta = cos.clamp(-1.0, 1.0).arccos()[:, None]
+    sin = theta.sin()
+    straight = sin.abs() < 1e-6
+    w_0 = torch.where(straight, 1.0 - t, ((1.0 - t) * theta).sin() / sin.where(~straight, 1.0))
+    w_1 = torch.where(straight, t, (t * theta).sin() / sin.where(~straight, 1.0))
+    return (w_0 * flat_0 + w_1 * flat_1).to(z_0.dtype).view_as(z_0)
+
+
+def lerp(z_0: torch.Tensor, z_1: torch.Tensor, t: float) -> torch.Tensor:
+    """The straight line between latents, for comparison with :func:`slerp`."""
+    return (1.0 - t) * z_0 + t * z_1
+
+
 # ----------------------------------------------------------------------------------------------------
 # The design's complexity measure, adaptive step size and modified loss
 # ----------------------------------------------------------------------------------------------------

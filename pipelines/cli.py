@@ -13,10 +13,11 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipelines.prefect_api import TemporaryServer
+from pipelines.prefect_api import TemporaryServer, drain_reports
 from tasks.config import load_params
 from tasks.errors import UserError
 
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ddim", description="Train and evaluate DDIM diffusion models (DVC + Prefect + MLflow)."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, print the full traceback before the one-line message"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _stage_parser(sub, "prepare", "download, import or synthesize the dataset (the data section)")
     _stage_parser(sub, "train", "train the U-Net (the model, diffusion and train sections); resumes by default")
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     cell.add_argument("--steps", type=int, required=True, help="DDIM steps")
     cell.add_argument("--eta", type=float, required=True, help="eta")
     _stage_parser(sub, "sweep-table", "the sweep's table and FID-vs-NFE plot from its cells (a DVC stage)")
+    _stage_parser(sub, "reconstruct", "encode images to DDIM latents and back: error per step count (latent section)")
+    _stage_parser(sub, "interpolate", "decode slerp and lerp paths between DDIM latents into a grid (latent section)")
     serve = sub.add_parser(
         "serve",
         help="serve the ddim-pipeline flow on a cron schedule (a long-running process; no worker needed)",
@@ -136,7 +142,8 @@ def run_stage(args: argparse.Namespace) -> int:
     """Run the Prefect flow of stage ``args.command`` and print its result as one JSON line."""
     from pipelines import flows
 
-    _quiet_user_error_tracebacks()
+    if not args.debug:
+        _quiet_user_error_tracebacks()
     flow = getattr(flows, f"{args.command.replace('-', '_')}_flow")
     extra = {k: getattr(args, k) for k in ("steps", "eta", "force") if hasattr(args, k)}
     print(json.dumps(flow(params_file=args.params, overrides=args.overrides, **extra)))
@@ -178,11 +185,13 @@ def run_fid_weights(args: argparse.Namespace) -> int:
 def run_import_model(args: argparse.Namespace) -> int:
     from tasks.checkpoint import MODEL_FILE
     from tasks.config import PathsConfig
+    from tasks.files import exclusive
     from tasks.import_model import import_model
 
     paths = load_params(args.params, args.overrides).paths if Path(args.params).is_file() else PathsConfig()
     out = Path(args.out) if args.out else Path(paths.train) / MODEL_FILE
-    result = import_model(args.source, out, Path(paths.raw) / "models", args.image_size)
+    with exclusive(out, "`ddim import-model`"):
+        result = import_model(args.source, out, Path(paths.raw) / "models", args.image_size)
     print(json.dumps(result))
     return 0
 
@@ -203,14 +212,19 @@ def run_runs(args: argparse.Namespace) -> int:
             blank = {c: table[c].map(lambda v: "" if v is None else v) for c in table if table[c].dtype == object}
             print(table.assign(**blank).to_string(index=False, na_rep=""))  # blank: not that sampler's setting
     if args.csv:
-        table.to_csv(args.csv, index=False)
+        try:
+            table.to_csv(args.csv, index=False)
+        except OSError as e:  # a full disk shows on the last write, where the error names no file
+            e.filename = e.filename or args.csv
+            raise
     return 0
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
     from pipelines.flows import pipeline_flow  # its stages, run by `dvc repro`, share this command's server
 
-    _quiet_user_error_tracebacks()
+    if not args.debug:
+        _quiet_user_error_tracebacks()
     result = pipeline_flow(targets=args.targets, force=args.force, overrides=args.overrides, params_file=args.params)
     print(json.dumps(result))
     return 0
@@ -291,10 +305,23 @@ COMMANDS = {
     "sweep": run_stage,
     "sweep-cell": run_stage,
     "sweep-table": run_stage,
+    "reconstruct": run_stage,
+    "interpolate": run_stage,
 }
 
 
-STAGES = ("prepare", "train", "sample", "reference", "pipeline", "sweep", "sweep-cell", "sweep-table")
+STAGES = (
+    "prepare",
+    "train",
+    "sample",
+    "reference",
+    "pipeline",
+    "sweep",
+    "sweep-cell",
+    "sweep-table",
+    "reconstruct",
+    "interpolate",
+)
 
 
 OS_ERROR_FIXES = {
@@ -324,6 +351,17 @@ def _terminate(_signum: int, _frame: object) -> None:
     raise Terminated
 
 
+def _end(args: argparse.Namespace, status: int, message: str) -> int:
+    """Print ``ddim <command>: <message>`` as the last line on stderr and return ``status``: Prefect's queued
+    logs and events are sent first (else its shutdown prints after the line), and with ``--debug`` the
+    traceback of the error being handled comes before it."""
+    drain_reports()
+    if args.debug and status == 1:
+        traceback.print_exc()
+    print(f"ddim {args.command}: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -343,17 +381,13 @@ def main(argv: list[str] | None = None) -> int:
             server.wait()
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"ddim {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return _end(args, 1, f"error: {e}")
     except KeyboardInterrupt:
-        print(f"ddim {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _end(args, 130, "interrupted")
     except OSError as e:  # a full disk, a read-only or missing folder, a file that cannot be read
-        print(f"ddim {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
-        return 1
+        return _end(args, 1, f"error: {describe_os_error(e)}")
     except Terminated:
-        print(f"ddim {args.command}: stopped by SIGTERM: rerun the same command to finish", file=sys.stderr)
-        return 143
+        return _end(args, 143, "stopped by SIGTERM: rerun the same command to finish")
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)

@@ -2,7 +2,8 @@
 
 A flow takes the params file and ``--set`` style overrides as its parameters, so a deployment or a UI run
 can change any param the way the CLI does. Tasks that write files opt out of Prefect's result cache
-(``NO_CACHE``): DVC decides what is up to date.
+(``NO_CACHE``): DVC decides what is up to date. Each stage's flow holds an exclusive lock on its output while
+it runs (``tasks.files.exclusive``): a second run on the same output stops at once, naming the first.
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.config import CIFAR10_URL, DataConfig, Params, TrainConfig, load_params
 from tasks.data import CIFAR10_MD5, cifar10_archive_path, download, prepare_dataset
+from tasks.dataset import dataset_dir
 from tasks.errors import UserError
 from tasks.evaluate import evaluate_samples
+from tasks.fid import reference_path
+from tasks.files import exclusive
+from tasks.interpolate import run_interpolate
+from tasks.reconstruct import run_reconstruct
 from tasks.reference import compute_reference
 from tasks.sample import run_sampling
 from tasks.sweep import COLUMNS as SWEEP_COLUMNS
@@ -40,7 +46,18 @@ class PipelineError(UserError):
     """A pipeline command failed."""
 
 
-@task(name="download-cifar10", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 60, 300])
+def _retryable(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Retry only what can succeed on retry (a network hiccup); a checksum mismatch or a 404 fails at once."""
+    return bool(getattr(state.data, "retryable", False))
+
+
+@task(
+    name="download-cifar10",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[10, 60, 300],
+    retry_condition_fn=_retryable,
+)
 def download_task(url: str, dest: Path, md5: str = CIFAR10_MD5) -> Path:
     return download(url, dest, md5)
 
@@ -68,10 +85,11 @@ def manifest_markdown(manifest: dict[str, Any], where: Path) -> str:
 def prepare_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     data, paths = params.data, params.paths
-    archive = None
-    if data.source == "cifar10" and data.archive is None:
-        archive = download_task(data.url or CIFAR10_URL, cifar10_archive_path(paths))
-    manifest = prepare_task(data, paths, archive)
+    with exclusive(dataset_dir(data, paths), "`ddim prepare`"):
+        archive = None
+        if data.source == "cifar10" and data.archive is None:
+            archive = download_task(data.url or CIFAR10_URL, cifar10_archive_path(paths))
+        manifest = prepare_task(data, paths, archive)
     where = Path(paths.prepared) / data.name
     create_markdown_artifact(
         key="dataset-manifest", markdown=manifest_markdown(manifest, where), description=f"prepare {data.name}"
@@ -128,7 +146,8 @@ def train_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
 
 @flow(name="train", description="Train the U-Net with the complexity-weighted loss; EMA weights to model.pt.")
 def train_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    summary = train_task(params_file, list(overrides or []))
+    with exclusive(load_params(params_file, overrides).paths.train, "`ddim train`"):
+        summary = train_task(params_file, list(overrides or []))
     keys = ["step", "resumed_from", "loss", "mse", "complexity_term", "images_per_s", "model", "mlflow_run_id"]
     create_markdown_artifact(
         key="training-summary", markdown=_table("Training", {k: summary.get(k) for k in keys}), description="train"
@@ -146,7 +165,8 @@ def sample_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
 
 @flow(name="sample", description="Generate images from model.pt with DDIM or the adaptive sampler.")
 def sample_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    stats = sample_task(params_file, list(overrides or []))
+    with exclusive(load_params(params_file, overrides).paths.samples, "`ddim sample`"):
+        stats = sample_task(params_file, list(overrides or []))
     create_markdown_artifact(key="sampling-summary", markdown=_table("Sampling", stats), description="sample")
     return stats
 
@@ -158,7 +178,9 @@ def reference_task(params: Params) -> dict[str, Any]:
 
 @flow(name="reference", description="Inception statistics of the prepared dataset, for FID.")
 def reference_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    result = reference_task(load_params(params_file, overrides))
+    params = load_params(params_file, overrides)
+    with exclusive(reference_path(params), "`ddim reference`"):
+        result = reference_task(params)
     create_markdown_artifact(key="reference-statistics", markdown=_table("FID reference", result))
     return result
 
@@ -170,7 +192,9 @@ def evaluate_task(params: Params) -> dict[str, Any]:
 
 @flow(name="evaluate", description="FID of the samples against the reference statistics; metrics.json.")
 def evaluate_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    metrics = evaluate_task(load_params(params_file, overrides))
+    params = load_params(params_file, overrides)
+    with exclusive(params.paths.metrics, "`ddim evaluate`"):
+        metrics = evaluate_task(params)
     keys = ["fid", "num_samples", "sampler", "steps", "eta", "spacing", "nfe", "reference_count"]
     create_table_artifact(key="fid", table=[{k: metrics[k] for k in keys}], description="FID of this sampling config")
     return metrics
@@ -191,7 +215,9 @@ def sweep_cell_task(params_file: str, overrides: list[str], steps: int, eta: flo
 def sweep_cell_flow(
     params_file: str = "params.yaml", overrides: list[str] | None = None, steps: int = 100, eta: float = 0.0
 ) -> dict[str, Any]:
-    cell = sweep_cell_task(params_file, list(overrides or []), steps, eta)
+    output = Path(load_params(params_file, overrides).paths.sweep) / f"cell-{cell_name(steps, eta)}"
+    with exclusive(output, "`ddim sweep-cell`"):
+        cell = sweep_cell_task(params_file, list(overrides or []), steps, eta)
     create_markdown_artifact(key="sweep-cell", markdown=_table(f"Sweep cell {cell_name(steps, eta)}", cell))
     return cell
 
@@ -203,7 +229,9 @@ def _publish_sweep_table(cells: list[dict[str, Any]]) -> None:
 
 @flow(name="sweep-table", description="The sweep's table (csv, markdown) and FID-vs-NFE plot from its cells.")
 def sweep_table_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    result = write_table(load_params(params_file, overrides))
+    params = load_params(params_file, overrides)
+    with exclusive(Path(params.paths.sweep) / "table", "`ddim sweep-table`"):
+        result = write_table(params)
     _publish_sweep_table(result["cells"])
     return result
 
@@ -215,6 +243,34 @@ def sweep_flow(force: bool = False, overrides: list[str] | None = None, params_f
     cells = table_rows(params)
     _publish_sweep_table(cells)
     return {"table": str(Path(params.paths.sweep) / "table.md"), "cells": len(cells)}
+
+
+@task(name="reconstruct-images", cache_policy=NO_CACHE)
+def reconstruct_task(params: Params) -> dict[str, Any]:
+    return run_reconstruct(params)
+
+
+@flow(name="reconstruct", description="DDIM section 5.4: encode images to x_T, decode them, the error per step count.")
+def reconstruct_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    params = load_params(params_file, overrides)
+    with exclusive(Path(params.paths.latent) / "reconstruct", "`ddim reconstruct`"):
+        result = reconstruct_task(params)
+    create_table_artifact(key="reconstruction", table=result["rows"], description="reconstruction error per S")
+    return result
+
+
+@task(name="interpolate-latents", cache_policy=NO_CACHE)
+def interpolate_task(params: Params) -> dict[str, Any]:
+    return run_interpolate(params)
+
+
+@flow(name="interpolate", description="DDIM section 5.3: decode slerp and lerp paths between latents into a grid.")
+def interpolate_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    params = load_params(params_file, overrides)
+    with exclusive(Path(params.paths.latent) / "interpolation", "`ddim interpolate`"):
+        result = interpolate_task(params)
+    create_markdown_artifact(key="interpolation", markdown=_table("Interpolation", {"grid": f"`{result['grid']}`"}))
+    return result
 
 
 def _table(title: str, values: dict[str, Any]) -> str:

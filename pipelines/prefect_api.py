@@ -117,3 +117,16 @@ class TemporaryServer:
             f"the temporary Prefect server did not start in {timeout:g} s: raise "
             f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or point PREFECT_API_URL at a running server (make ui)"
         )
+
+
+def drain_reports(timeout: float = 10.0) -> None:
+    """Send what Prefect still has queued (logs, events) now, if Prefect is in use: its exit handlers would
+    otherwise do it, and print about it, after the command's last line."""
+    if "prefect.events.worker" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):  # a worker that never started, or a server already gone
+            worker.drain_all(timeout=timeout)

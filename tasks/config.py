@@ -69,6 +69,7 @@ class PathsConfig(Section):
     samples: Path = Field(Path("results/samples"), description="images/, grid.png, sample_stats.json")
     metrics: Path = Field(Path("results/metrics.json"), description="the FID and how it was made (DVC metrics)")
     sweep: Path = Field(Path("results/sweep"), description="the sweep: cells/, table.csv, table.md, fid_vs_nfe.png")
+    latent: Path = Field(Path("results/latent"), description="reconstruct.{csv,md,json,png}, interpolation.png")
 
 
 class DataConfig(Section):
@@ -82,6 +83,12 @@ class DataConfig(Section):
     seed: int = Field(0, description="shapes only")
     path: Path | None = Field(None, description="folder: a directory (searched recursively) or .zip of images")
     on_bad_image: Literal["skip", "fail"] = Field("fail", description="folder: fail | skip (warn, count) unreadable")
+    max_file_bytes: int = Field(
+        64 * 2**20, ge=1, description="folder: a bigger file or zip member is a bad image (bounds memory)"
+    )
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, description="folder: an image of more pixels is a bad image (decompression bombs)"
+    )
     archive: Path | None = runtime(None, "cifar10: a downloaded cifar-10-python.tar.gz (MD5-checked; no download)")
     url: str = runtime(CIFAR10_URL, "cifar10: where to download from when no archive is given")
     workers: int = runtime(0, "folder: decoding processes (0: in this process)", ge=0)
@@ -260,6 +267,30 @@ class EvaluateConfig(Section):
 TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
+class LatentConfig(Section):
+    """The ``latent`` section: DDIM's latent space (``ddim reconstruct``, ``ddim interpolate``; not part of ``make
+    demo``). Precision, device and compile are the sample section's."""
+
+    dataset: str | None = Field(None, description="reconstruct: a prepared dataset's name (null: data.name)")
+    num_images: int = Field(64, ge=1, description="reconstruct: the dataset's first N images")
+    steps: list[int] = Field([10, 20, 50, 100], min_length=1, description="reconstruct: DDIM steps S, one row each")
+    spacing: Spacing = Field("uniform", description="uniform | quad | linspace | trailing (encoding and decoding)")
+    clip_x0: bool = Field(False, description="clamp x0 predictions while decoding (false: the exact inverse ODE)")
+    pairs: int = Field(4, ge=1, description="interpolate: pairs of latents, one row each for slerp and lerp")
+    frames: int = Field(9, ge=2, description="interpolate: images per row, both ends included")
+    interpolate_steps: int = Field(50, ge=1, description="interpolate: DDIM steps to encode and decode")
+    endpoints: Literal["seeds", "images"] = Field(
+        "seeds", description="interpolate: Gaussian latents from (seed, i) | the dataset's first images, encoded"
+    )
+    seed: int = Field(0, description="interpolate, endpoints seeds: pair k joins seeds (seed, 2k) and (seed, 2k + 1)")
+    batch_size: int = runtime(64, "images per encoder/decoder call (results do not depend on it)", ge=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_is_a_folder_name(cls, v: str | None) -> str | None:
+        return None if v is None else DataConfig._name_is_a_folder_name(v)
+
+
 class TrackingConfig(Section):
     """The ``tracking`` section: MLflow."""
 
@@ -288,6 +319,7 @@ class Params(Section):
     sample: SampleConfig = SampleConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     sweep: SweepConfig = SweepConfig()
+    latent: LatentConfig = LatentConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -299,7 +331,9 @@ class Params(Section):
         if self.diffusion.schedule == "linear" and self.diffusion.beta_start > self.diffusion.beta_end:
             raise ValueError("diffusion: beta_start must not exceed beta_end")
         T = self.diffusion.num_train_steps
-        for key, values in (("sample.steps", [self.sample.steps]), ("sweep.steps", self.sweep.steps)):
+        steps = [("sample.steps", [self.sample.steps]), ("sweep.steps", self.sweep.steps)]
+        steps += [("latent.steps", self.latent.steps), ("latent.interpolate_steps", [self.latent.interpolate_steps])]
+        for key, values in steps:
             if bad := [v for v in values if not 1 <= v <= T]:
                 raise ValueError(f"{key} {bad} outside 1..diffusion.num_train_steps ({T})")
         return self

@@ -141,7 +141,8 @@ def open_source(
     assert data.path is not None
     source = ImageSource.open(Path(data.path))
     files = source.files[: data.count]
-    images = source.decode(files, data.image_size, data.on_bad_image, data.workers)
+    limits = Limits(data.max_file_bytes, data.max_image_pixels)
+    images = source.decode(files, data.image_size, data.on_bad_image, data.workers, limits)
     return len(files), images, {"files": len(files)}
 
 
@@ -198,8 +199,10 @@ def cifar10_archive_path(paths: PathsConfig) -> Path:
 
 def verify_md5(path: Path, md5: str) -> Path:
     """Return ``path`` if its MD5 is ``md5``; otherwise raise naming the problem and the fix."""
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"archive {path} does not exist: fix data.archive, or set it to null to download")
+    if not path.is_file():
+        raise DataError(f"archive {path} is not a regular file: point data.archive at {CIFAR10_ARCHIVE}")
     got = file_hash(path, "md5")
     if got != md5:
         raise DataError(
@@ -218,7 +221,9 @@ def download(url: str, dest: Path, md5: str, timeout: float = 60.0) -> Path:
         hint = "offline: download it elsewhere and set data.archive"
         return fetch(url, dest, offline_hint=hint, checksum=("md5", md5), timeout=timeout)
     except DownloadError as e:
-        raise DataError(str(e)) from None
+        error = DataError(str(e))
+        error.retryable = e.retryable
+        raise error from None
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -305,6 +310,8 @@ class ImageSource:
     def open(cls, root: Path) -> ImageSource:
         if not root.exists():
             raise DataError(f"data.path {root} does not exist: point it at a directory or .zip of images")
+        if not root.is_dir() and not root.is_file():
+            raise DataError(f"data.path {root} is a device, pipe or socket: point it at a directory or .zip of images")
         if root.is_dir():
             files = sorted(
                 str(p.relative_to(root))
@@ -327,9 +334,12 @@ class ImageSource:
             )
         return cls(root, files, is_zip)
 
-    def decode(self, files: list[str], size: int, on_bad_image: str, workers: int) -> Iterator[np.ndarray]:
-        """Yield each readable image as uint8 ``[size, size, 3]``; a bad one raises or is skipped with a warning."""
-        job = _DecodeJob(str(self.root), self.is_zip, size)
+    def decode(
+        self, files: list[str], size: int, on_bad_image: str, workers: int, limits: Limits | None = None
+    ) -> Iterator[np.ndarray]:
+        """Yield each readable image as uint8 ``[size, size, 3]``; a bad one (unreadable, or over ``limits``)
+        raises or is skipped with a warning."""
+        job = _DecodeJob(str(self.root), self.is_zip, size, limits or Limits())
         results: Iterable[tuple[str, np.ndarray | None, str]]
         if workers > 0:
             pool = ProcessPoolExecutor(max_workers=workers)
@@ -362,31 +372,65 @@ def _check_member_name(archive: Path, name: str) -> None:
         raise DataError(f"{archive} holds a member named {name!r} that escapes the archive; refusing to import it")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one input image may cost: bytes of its file (or zip member) and decoded pixels. Beyond them an image
+    is a bad image, so a hostile folder or zip (a 1 GiB member of a 1 MB zip, a 20,000 x 20,000 PNG of a few
+    KB) cannot take the machine's memory."""
+
+    file_bytes: int = 64 * 2**20
+    pixels: int = 89_478_485
+
+
+class _TooBigError(Exception):
+    """An input over its :class:`Limits`."""
+
+
 class _DecodeJob:
     """Picklable decode function for worker processes; each worker keeps its own zip handle open."""
 
-    def __init__(self, root: str, is_zip: bool, size: int) -> None:
-        self.root, self.is_zip, self.size = root, is_zip, size
+    def __init__(self, root: str, is_zip: bool, size: int, limits: Limits) -> None:
+        self.root, self.is_zip, self.size, self.limits = root, is_zip, size, limits
         self._zip: zipfile.ZipFile | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"root": self.root, "is_zip": self.is_zip, "size": self.size, "_zip": None}
+        return {**self.__dict__, "_zip": None}
 
     def _read(self, name: str) -> bytes:
+        """The file's bytes, read into memory (nothing from a zip is written to disk), at most the limit: a zip
+        member's stated size is checked first and its stream is cut there, in case the header lies."""
+        cap = self.limits.file_bytes
         if self.is_zip:
             if self._zip is None:
                 self._zip = zipfile.ZipFile(self.root)
-            return self._zip.read(name)  # read into memory: nothing from the zip is written to disk
-        return (Path(self.root) / name).read_bytes()
+            stated = self._zip.getinfo(name).file_size
+            if stated > cap:
+                raise _TooBigError(f"{stated:,} bytes, over data.max_file_bytes = {cap:,}")
+            with self._zip.open(name) as f:
+                data = f.read(cap + 1)
+        else:
+            with open(Path(self.root) / name, "rb") as f:
+                data = f.read(cap + 1)
+        if len(data) > cap:
+            raise _TooBigError(f"over data.max_file_bytes = {cap:,} bytes")
+        return data
 
     def __call__(self, name: str) -> tuple[str, np.ndarray | None, str]:
         try:
-            with Image.open(io.BytesIO(self._read(name))) as img:
+            quiet = warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning)
+            with quiet, Image.open(io.BytesIO(self._read(name))) as img:  # the header only; the limit decides
+                w, h = img.size
+                if w * h > self.limits.pixels:
+                    raise _TooBigError(f"{w} x {h} pixels, over data.max_image_pixels = {self.limits.pixels:,}")
                 img.load()
                 return name, resize_square(to_rgb(img), self.size), ""
+        except _TooBigError as e:
+            return name, None, f"too big: {e}"
         except UnidentifiedImageError:
             return name, None, "not an image format PIL can read"
-        except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error) as e:
+        except Image.DecompressionBombError as e:  # PIL's own limit, twice its default
+            return name, None, f"too big: {e} (see data.max_image_pixels)"
+        except (OSError, ValueError, SyntaxError, zipfile.BadZipFile, zlib.error, EOFError) as e:
             return name, None, f"{e.__class__.__name__}: {e}"
 
 

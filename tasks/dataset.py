@@ -46,11 +46,21 @@ def array_sha256(array: np.ndarray, chunk: int = 4096) -> str:
     return h.hexdigest()
 
 
+MANIFEST_KEYS = ("format_version", "count", "height", "width", "sha256")
+
+
 def load_manifest(root: str | Path) -> dict[str, Any]:
+    """The manifest of the prepared dataset ``root``; a missing, unreadable or foreign one is a DataError."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise DataError(f"{root} is not a prepared dataset (no {MANIFEST}): run `ddim prepare` first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path} is not JSON ({e}): run `ddim prepare` again") from None
+    if not isinstance(manifest, dict) or any(k not in manifest for k in MANIFEST_KEYS):
+        raise DataError(f"{path} is not a manifest of `ddim prepare` (no {', '.join(MANIFEST_KEYS)}): prepare again")
+    return manifest
 
 
 class PreparedDataset(torch.utils.data.Dataset):
@@ -65,15 +75,20 @@ class PreparedDataset(torch.utils.data.Dataset):
         self.manifest = load_manifest(self.root)
         self._array: np.ndarray | None = None
         expected = (self.manifest["count"], self.manifest["height"], self.manifest["width"], 3)
-        if self.array.shape != expected:
-            raise DataError(f"{self.root / ARRAY} has shape {self.array.shape}, manifest says {expected}")
+        if self.array.shape != expected or self.array.dtype != np.uint8:
+            found = f"{self.array.dtype} {self.array.shape}"
+            raise DataError(f"{self.root / ARRAY} holds {found}, its manifest says uint8 {expected}: prepare again")
         if verify and array_sha256(self.array) != self.manifest["sha256"]:
             raise DataError(f"{self.root / ARRAY} does not match its manifest's sha256: run `ddim prepare` again")
 
     @property
     def array(self) -> np.ndarray:
         if self._array is None:
-            self._array = np.load(self.root / ARRAY, mmap_mode="r")
+            try:
+                self._array = np.load(self.root / ARRAY, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:  # truncated, not .npy, or gone
+                what = e.strerror if isinstance(e, OSError) and e.strerror else e
+                raise DataError(f"{self.root / ARRAY} cannot be read ({what}): run `ddim prepare` again") from None
         return self._array
 
     def __getstate__(self) -> dict[str, Any]:
@@ -84,3 +99,14 @@ class PreparedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return torch.from_numpy(np.array(self.array[index])).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def first_images(root: str | Path, count: int, image_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The first ``count`` images (uint8 NHWC, in memory) of the prepared dataset ``root``, and its manifest;
+    an error if it holds fewer, or images of another size than ``image_size`` (the model's)."""
+    dataset = PreparedDataset(root)
+    if len(dataset) < count:
+        raise DataError(f"{dataset.root} holds {len(dataset)} images, {count} are asked for: prepare more or ask fewer")
+    if dataset.manifest["height"] != image_size:
+        raise DataError(f"{dataset.root} holds {dataset.manifest['height']} px images, the model makes {image_size} px")
+    return np.array(dataset.array[:count]), dataset.manifest

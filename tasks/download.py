@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,9 +21,20 @@ SHA256_HEADER = "X-Linked-Etag"
 class DownloadError(UserError):
     """A download failed or did not verify; ``status`` is the HTTP status of a refused request."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, retryable: bool = False) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.retryable = status, retryable
+
+
+def _transient(e: Exception) -> bool:
+    """Whether a failed request may succeed later: a timeout, a dropped or refused connection, a cut-off
+    transfer, or an HTTP status that says "later" (408, 429, 5xx). Not: an unknown host, a 4xx, a bad URL."""
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code in (408, 429) or e.code >= 500
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, socket.gaierror):
+        return False
+    return isinstance(reason, TimeoutError | ConnectionError | http.client.HTTPException)
 
 
 def fetch(
@@ -45,13 +58,14 @@ def fetch(
                     while block := response.read(1 << 20):
                         f.write(block)
                         bar.update(len(block))
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
             status = e.code if isinstance(e, urllib.error.HTTPError) else None
-            message = f"could not download {url} ({getattr(e, 'reason', e)}); {offline_hint}"
-            raise DownloadError(message, status) from None
+            message = f"could not download {url} ({getattr(e, 'reason', e) or e.__class__.__name__}); {offline_hint}"
+            raise DownloadError(message, status, retryable=_transient(e)) from None
         expected = checksum or (("sha256", stated.group(1)) if stated else None)
         if expected is not None and (got := file_hash(tmp, expected[0])) != expected[1]:
-            raise DownloadError(
-                f"download of {url} has {expected[0]} {got}, expected {expected[1]}: it is corrupt or truncated; rerun"
+            raise DownloadError(  # final: the server sent a whole file, and it is not the one expected
+                f"download of {url} has {expected[0]} {got}, expected {expected[1]}: the file there is not the "
+                "expected one, or is corrupt; check the URL"
             )
     return dest

@@ -37,10 +37,13 @@ def evaluate_samples(params: Params) -> dict[str, Any]:
     stats_file, config_file = samples / "sample_stats.json", samples / "config.json"
     if not stats_file.is_file() or not config_file.is_file():
         raise EvaluationError(f"{stats_file} not found: run `ddim sample` first")
-    sample_stats = json.loads(stats_file.read_text())
-    if not sample_stats["complete"]:
+    try:
+        sample_stats, sampling = json.loads(stats_file.read_text()), json.loads(config_file.read_text())["sample"]
+        complete = sample_stats["complete"]
+    except (ValueError, KeyError, TypeError):
+        raise EvaluationError(f"{samples} holds a damaged record of `ddim sample`: run `ddim sample` again") from None
+    if not complete:
         raise EvaluationError(f"sampling in {samples} is incomplete: rerun `ddim sample` to finish it")
-    sampling = json.loads(config_file.read_text())["sample"]
     mu_ref, sigma_ref, ref_count = load_stats(reference_path(params))
     files = list_images(samples / "images")
     warn_if_biased(len(files))

@@ -9,6 +9,7 @@ under ``torch.inference_mode``. Statistics files are ``.npz`` with pytorch-fid's
 from __future__ import annotations
 
 import warnings
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,11 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.files[i]) as img:
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        try:
+            with Image.open(self.files[i]) as img:
+                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways to refuse a file
+            raise EvaluationError(f"cannot read image {self.files[i]} ({e}): remove it or replace it") from None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -86,10 +90,15 @@ def inception_features(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     out = np.empty((len(dataset), DIMS), dtype=np.float64)
     i = 0
-    for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress, leave=False):
-        feats = batch_features(model, batch).cpu().numpy()
-        out[i : i + len(feats)] = feats
-        i += len(feats)
+    try:
+        for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress, leave=False):
+            feats = batch_features(model, batch).cpu().numpy()
+            out[i : i + len(feats)] = feats
+            i += len(feats)
+    except EvaluationError as e:  # from a DataLoader worker, torch puts the worker's traceback in the message
+        if "Original Traceback" not in str(e):
+            raise
+        raise EvaluationError(str(e).strip().splitlines()[-1].split("EvaluationError: ", 1)[-1]) from None
     return out
 
 
@@ -197,10 +206,22 @@ def save_stats(mu: np.ndarray, sigma: np.ndarray, path: Path, **meta: Any) -> No
 
 
 def load_stats(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """``(mu, sigma, count)`` of an ``.npz`` of Inception statistics (pytorch-fid's keys; ``count`` is ours)."""
     if not Path(path).is_file():
-        raise EvaluationError(f"reference statistics {path} not found: run `ddim reference` first")
-    with np.load(path) as f:
-        return f["mu"][:], f["sigma"][:], int(f["count"]) if "count" in f else None
+        raise EvaluationError(f"Inception statistics {path} not found: run `ddim reference` first")
+    if not zipfile.is_zipfile(path):
+        raise EvaluationError(f"{path} is not an .npz file (a zip of arrays mu and sigma): compute it again")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = np.asarray(f["mu"], dtype=np.float64), np.asarray(f["sigma"], dtype=np.float64)
+            count = int(f["count"]) if "count" in f else None
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as e:
+        raise EvaluationError(
+            f"{path} is not an .npz of Inception statistics with arrays mu and sigma ({e}): compute it again"
+        ) from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise EvaluationError(f"{path} holds mu {mu.shape} and sigma {sigma.shape}: not statistics; compute it again")
+    return mu, sigma, count
 
 
 def stats_of(
@@ -223,6 +244,11 @@ def fid_between(
 ) -> dict[str, Any]:
     """FID between two folders and/or ``.npz`` files, like ``python -m pytorch_fid P1 P2``."""
     p1, p2 = list(paths)
+    for path in (p1, p2):  # a bad path fails before Inception loads
+        if Path(path).suffix == ".npz":
+            load_stats(path)
+        elif Path(path).is_dir():
+            list_images(path)
     model = load_inception(device)
     mu1, s1, n1 = stats_of(p1, model, batch_size, num_workers)
     mu2, s2, n2 = stats_of(p2, model, batch_size, num_workers)

@@ -7,17 +7,21 @@ the old file or the whole new one, never a truncated one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tasks.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -81,3 +85,34 @@ def foreign_entries(
         elif not is_own(entry, own):
             foreign.append(entry.name)
     return foreign
+
+
+class OutputBusyError(UserError):
+    """Another process is writing the same output."""
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock file of ``output``: hidden beside it (never inside, where DVC would count it as output)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
+
+
+@contextmanager
+def exclusive(output: str | Path, holder: str, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on ``output`` for the block: a second process raises :class:`OutputBusyError` naming
+    the first (``holder``, its PID and start time), or with ``wait`` waits for it. The lock is the kernel's
+    (``flock``): it ends with the process, however that ends, so a killed run leaves no stale lock."""
+    path = lock_path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            who = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+            raise OutputBusyError(f"{output} is being written by {who}: wait for it to finish, or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{holder} (PID {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

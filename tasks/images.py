@@ -16,6 +16,11 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """The inverse of :func:`to_uint8`: uint8 ``[B, H, W, 3]`` -> float ``[B, 3, H, W]`` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def make_grid(images: np.ndarray, nrow: int = 8, padding: int = 2, pad_value: int = 255) -> np.ndarray:
     """Tile ``images`` (uint8 ``[N, H, W, C]``) into one ``[rows*(H+p)+p, nrow*(W+p)+p, C]`` image."""
     if images.ndim != 4 or len(images) == 0:

@@ -103,12 +103,21 @@ def open_output(out: Path, identity: dict[str, Any], num_samples: int) -> dict[s
         if recorded != identity:
             delete_own_files(out)
         else:
+            delete_leftovers(out)  # half-written files of a killed run: their images are drawn again
             stats = read_json(stats_path)  # unreadable (a kill mid-write cannot do it): sampled again
             if stats and stats.get("complete") and count_done(out, num_samples) == num_samples:
                 return stats
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     write_json(identity, config_path)
     return None
+
+
+def delete_leftovers(out: Path) -> None:
+    """Delete the temporary files a killed run of this stage left in ``out`` (never a finished file)."""
+    for folder in (out / IMAGES, out):
+        for entry in folder.glob(".*.tmp") if folder.is_dir() else ():
+            if entry.is_file():
+                entry.unlink()
 
 
 def delete_own_files(out: Path) -> None:

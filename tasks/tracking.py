@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.config import TrackingConfig
-from tasks.files import atomic_path
+from tasks.files import atomic_path, exclusive
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -47,12 +47,31 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+def mlflow_client(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri``. Its first use creates (migrates) a new sqlite database; two stages that
+    start at once would both migrate it and one would die, so a local database is opened under a lock."""
+    from mlflow.tracking import MlflowClient
+
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    with exclusive(Path(uri.removeprefix("sqlite:///")), "MLflow database set-up", wait=True):
+        return MlflowClient(tracking_uri=uri)  # creates the store, and with it the tables
+
+
 def _experiment_id(client: Any, name: str, uri: str) -> str:
     """The id of experiment ``name``, created (artifacts beside a local store) if it does not exist yet."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(uri))
+    try:
+        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+    except MlflowException:  # another process created it a moment ago
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -100,9 +119,8 @@ class Tracker(NullTracker):
     """One MLflow run, driven through an explicit client (no global "active run" state)."""
 
     def __init__(self, uri: str, run_id: str) -> None:
-        from mlflow.tracking import MlflowClient
 
-        self.client, self.run_id, self.uri = MlflowClient(tracking_uri=uri), run_id, uri
+        self.client, self.run_id, self.uri = mlflow_client(uri), run_id, uri
 
     @classmethod
     def for_training(
@@ -115,10 +133,9 @@ class Tracker(NullTracker):
     ) -> Tracker:
         """Continue the run whose id is stored in ``run_id_dir``, or start one and store its id there."""
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
         uri = tracking_uri(cfg)
-        client = MlflowClient(tracking_uri=uri)
+        client = mlflow_client(uri)
         run_id = read_run_id(run_id_dir)
         if run_id is not None:
             try:
@@ -166,6 +183,38 @@ class Tracker(NullTracker):
         self.client.set_terminated(self.run_id, status=status)
 
 
+def log_child_run(
+    cfg: TrackingConfig,
+    parent_run_id: str | None,
+    name: str,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    artifacts: list[Path] = (),
+    tags: dict[str, str] | None = None,
+) -> str:
+    """One finished run nested under the training run (or alone in the experiment if there is none): its
+    params, its numeric metrics, and ``artifacts`` (images show on the run page)."""
+    uri = tracking_uri(cfg)
+    client = mlflow_client(uri)
+    if parent_run_id is not None:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+    else:
+        experiment_id = _experiment_id(client, cfg.experiment, uri)
+    tags = dict(tags or {})
+    if parent_run_id is not None:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+    tracker = Tracker(uri, run_id)
+    tracker.log_params(params)
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    tracker.log_metrics(numbers, 0)
+    for path in artifacts:
+        if Path(path).is_file():
+            tracker.log_artifact(Path(path))
+    tracker.finish()
+    return run_id
+
+
 def log_evaluation(
     cfg: TrackingConfig,
     parent_run_id: str | None,
@@ -175,29 +224,12 @@ def log_evaluation(
     tags: dict[str, str] | None = None,
 ) -> str:
     """One finished child run of the training run: the sampling config, its FID and NFE, the sample grid."""
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri(cfg)
-    client = MlflowClient(tracking_uri=uri)
-    if parent_run_id is not None:
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
-    else:
-        experiment_id = _experiment_id(client, cfg.experiment, uri)
     s = metrics
     name = f"{s['sampler']}-{s['steps'] or 'adaptive'}steps-eta{s['eta']}" + (
         f"-{s['spacing']}" if s["spacing"] else ""
     )
     tags = {"stage": "evaluate", **{k: str(metrics[k]) for k in ("device", "precision") if k in metrics}} | (tags or {})
-    if parent_run_id is not None:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
-    tracker = Tracker(uri, run_id)
-    tracker.log_params(params)
-    tracker.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and v is not None}, 0)
-    if grid is not None and Path(grid).is_file():
-        tracker.log_artifact(Path(grid))
-    tracker.finish()
-    return run_id
+    return log_child_run(cfg, parent_run_id, name, params, metrics, [grid] if grid is not None else [], tags)
 
 
 COUNTS = ("num_samples", "reference_count")  # an FID is comparable only with FIDs at the same counts
@@ -226,9 +258,8 @@ def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
     An evaluation repeated with the same sampling params and image counts shows once, with its newest FID.
     """
     import pandas as pd
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = mlflow_client(tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         return pd.DataFrame()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import tempfile
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -24,8 +28,46 @@ def prefect_server():
         yield
 
 
-def cli_env(tmp_path) -> dict[str, str]:
-    """Environment for running `ddim` in a subprocess: its own Prefect home, no API URL."""
+def cli_env() -> dict[str, str]:
+    """Environment for running `ddim` in a subprocess: no API URL, so each command starts its temporary server,
+    on the session's throwaway Prefect home (one home for all: a new one costs each command ~6 s of database
+    set-up)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["PREFECT_HOME"] = _PREFECT_HOME
     return env
+
+
+class Served:
+    """A local HTTP server's folder and URL (``root, url = served``), and the paths it was asked for."""
+
+    def __init__(self, root: Path, url: str) -> None:
+        self.root, self.url, self.requests = root, url, []
+
+    def __iter__(self):
+        return iter((self.root, self.url))
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """Serve tmp_path/www over HTTP on 127.0.0.1 for the duration of a test."""
+    root = tmp_path / "www"
+    root.mkdir()
+    requests: list[str] = []
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            super().do_GET()
+
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    served = Served(root, f"http://127.0.0.1:{server.server_address[1]}")
+    served.requests = requests
+    yield served
+    server.shutdown()
+    server.server_close()

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import json
 import pickle
 import tarfile
-import threading
 import zipfile
 from pathlib import Path
 
@@ -104,25 +101,6 @@ def cifar_archive(path: Path, per_batch: int = 3) -> dict[str, np.ndarray]:
 
 def nhwc(rows: np.ndarray) -> np.ndarray:
     return rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """Serve tmp_path/www over HTTP on 127.0.0.1 for the duration of a test."""
-    root = tmp_path / "www"
-    root.mkdir()
-
-    class QuietHandler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    handler = functools.partial(QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def md5_of(path: Path) -> str:

@@ -16,15 +16,18 @@ from models.diffusion import (
     complexity_score,
     compute_complexity,
     ddim_encode,
+    ddim_reconstruct,
     ddim_sample,
     ddim_step,
     ddim_timesteps,
+    lerp,
     loss_terms,
     make_beta_schedule,
     modified_loss,
     predict_x0,
     q_sample,
     randn,
+    slerp,
     training_losses,
 )
 
@@ -517,3 +520,69 @@ def test_adaptive_stochastic_sample_is_independent_of_its_batch(alphas_cumprod):
     torch.testing.assert_close(alone[0], out[1], rtol=0, atol=1e-12)
     assert nfe1.item() == nfe[1].item()
     assert bool((nfe >= 5).all() and (nfe <= 50).all())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The latent space: encode, reconstruct, interpolate (DDIM sections 5.3 and 5.4)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def gaussian_toy(seed: int = 0):
+    """Data x_0 ~ N(m, s^2 I) on 3 x 8 x 8 'images', and its optimal eps-model in closed form: x_t is Gaussian,
+    so E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) m) / (a s^2 + 1 - a). The DDIM ODE then maps x_0 to
+    x_t = sqrt(a) m + sqrt(a s^2 + 1 - a) (x_0 - m) / s exactly: the true latent is known too."""
+    ac = alphas_cumprod_from_betas(make_beta_schedule("linear", 1000)).double()
+    mean, s = torch.linspace(-0.5, 0.5, 192, dtype=torch.float64).view(1, 3, 8, 8), 0.3
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = ac[t].view(-1, 1, 1, 1)
+        return (1 - a).sqrt() * (x - a.sqrt() * mean) / (a * s**2 + 1 - a)
+
+    x_0 = mean + s * torch.randn(64, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+    def true_latent(t: int) -> torch.Tensor:
+        a = ac[t]
+        return a.sqrt() * mean + (a * s**2 + 1 - a).sqrt() * (x_0 - mean) / s
+
+    return eps_model, x_0, ac, true_latent
+
+
+def test_reconstruction_error_falls_at_the_rate_of_a_first_order_ode_solver():
+    """DDIM is a first-order solver of the probability-flow ODE: the encode/decode error in x shrinks like
+    1 / steps, so the per-dimension squared error like 1 / steps^2 (a factor 4 per doubling); the latent
+    converges to the exact ODE solution at the first order too."""
+    eps_model, x_0, ac, true_latent = gaussian_toy()
+    mse, latent_error = {}, {}
+    for steps in (20, 40, 80, 160, 320):
+        timesteps = ddim_timesteps(1000, steps, "uniform")
+        reconstruction, latent = ddim_reconstruct(eps_model, x_0, ac, timesteps)
+        mse[steps] = ((reconstruction - x_0) ** 2).mean().item()
+        latent_error[steps] = (latent - true_latent(int(timesteps[0]))).abs().max().item()
+    for coarse, fine in ((80, 160), (160, 320)):
+        assert 3.5 < mse[coarse] / mse[fine] < 4.5, mse
+        assert 1.8 < latent_error[coarse] / latent_error[fine] < 2.2, latent_error
+    slope = np.polyfit(np.log(list(mse)), np.log(list(mse.values())), 1)[0]
+    assert -2.3 < slope < -1.7, mse
+    assert mse[320] < 1e-4
+
+
+def test_ddim_reconstruct_inverts_ddim_sample_of_its_own_latent():
+    """Decoding is ddim_sample at eta 0 on the encoded latent; with the exact latent as input, the decoder
+    gives the data back up to the same first-order error."""
+    eps_model, x_0, ac, true_latent = gaussian_toy(seed=1)
+    timesteps = ddim_timesteps(1000, 200, "uniform")
+    decoded = ddim_sample(eps_model, true_latent(int(timesteps[0])), ac, timesteps)
+    assert ((decoded - x_0) ** 2).mean() < 1e-3
+
+
+def test_slerp_keeps_the_norm_of_gaussian_latents_where_lerp_does_not():
+    g = torch.Generator().manual_seed(0)
+    z_0, z_1 = torch.randn(4, 3, 32, 32, generator=g), torch.randn(4, 3, 32, 32, generator=g)
+    norm = math.sqrt(3 * 32 * 32)
+    for t in np.linspace(0, 1, 9):
+        assert torch.allclose(slerp(z_0, z_1, t).flatten(1).norm(dim=1) / norm, torch.ones(4), atol=0.03)
+    torch.testing.assert_close(slerp(z_0, z_1, 0.0), z_0)
+    torch.testing.assert_close(slerp(z_0, z_1, 1.0), z_1)
+    midpoint = lerp(z_0, z_1, 0.5).flatten(1).norm(dim=1) / norm
+    assert torch.allclose(midpoint, torch.full((4,), math.sqrt(0.5)), atol=0.03)
+    torch.testing.assert_close(slerp(z_0, 2 * z_0, 0.25), lerp(z_0, 2 * z_0, 0.25))  # parallel: the straight line

@@ -55,7 +55,7 @@ def test_ddim_prepare_imports_a_folder(tmp_path):
         [DDIM, "prepare", "--params", str(params), "--set", "data.image_size=32"],
         capture_output=True,
         text=True,
-        env=cli_env(tmp_path),
+        env=cli_env(),
         cwd=tmp_path,
         timeout=300,
     )
@@ -72,7 +72,7 @@ def test_ddim_prepare_errors_are_one_line_without_output(tmp_path):
         [DDIM, "prepare", "--params", str(params), "--set", "data.image_size=20"],
         capture_output=True,
         text=True,
-        env=cli_env(tmp_path),
+        env=cli_env(),
         timeout=60,
     )
     assert bad_size.returncode == 1
@@ -82,7 +82,7 @@ def test_ddim_prepare_errors_are_one_line_without_output(tmp_path):
     )
     # ... and an input error inside the flow ends with the same one-line form and no traceback.
     missing = subprocess.run(
-        [DDIM, "prepare", "--params", str(params)], capture_output=True, text=True, env=cli_env(tmp_path), timeout=300
+        [DDIM, "prepare", "--params", str(params)], capture_output=True, text=True, env=cli_env(), timeout=300
     )
     assert missing.returncode == 1
     assert "Traceback" not in missing.stderr

@@ -28,6 +28,8 @@ STAGE_MODULES = {
     "evaluate": "tasks/evaluate.py",
     "sweep": "tasks/sweep.py",
     "sweep-table": "tasks/sweep.py",  # the sweep's cells and its table: one module
+    "reconstruct": "tasks/reconstruct.py",
+    "interpolate": "tasks/interpolate.py",
 }
 
 
@@ -111,6 +113,8 @@ def result_keys(*sections: str) -> list[str]:
 
 def test_each_stage_lists_exactly_the_params_that_can_change_what_it_writes():
     cell_keys = [k for k in result_keys("sweep") if k not in ("sweep.steps", "sweep.eta")]
+    latent = result_keys("latent")  # dataset, num_images, steps, spacing, clip_x0 | pairs, ..., seed
+    assert latent[:5] == [f"latent.{k}" for k in ("dataset", "num_images", "steps", "spacing", "clip_x0")]
     expected = {
         "prepare": result_keys("data"),
         "reference": ["evaluate.reference_count"],
@@ -127,6 +131,15 @@ def test_each_stage_lists_exactly_the_params_that_can_change_what_it_writes():
             *cell_keys,
         ],
         "sweep-table": ["data.source", "data.split", "data.count", *result_keys("sweep")],
+        "reconstruct": ["data.name", *result_keys("diffusion"), "sample.precision", "sample.compile", *latent[:5]],
+        "interpolate": [
+            "data.name",
+            *result_keys("diffusion"),
+            "sample.precision",
+            "sample.compile",
+            "latent.dataset",
+            *latent[3:],
+        ],
     }
     listed = {name: stage.get("params", []) for name, stage in dvc_stages().items()}
     assert listed == expected

@@ -55,6 +55,7 @@ MICRO = {
     "sample": {"num_samples": 8, "batch_size": 8, "steps": 3},
     "evaluate": {"reference_count": 16, "batch_size": 16},
     "sweep": {"steps": [2], "eta": [0.0], "num_samples": 4, "batch_size": 4},
+    "latent": {"num_images": 4, "steps": [2, 4], "pairs": 2, "frames": 3, "interpolate_steps": 2},
 }
 
 
@@ -197,6 +198,27 @@ def test_ddim_sweep_runs_one_stage_per_cell_and_only_new_cells_later(served_repo
     finally:
         for name, text in saved.items():
             (path / name).write_text(text)
+
+
+def test_ddim_reconstruct_and_interpolate_are_dvc_stages(served_repo):
+    """The README's `ddim reconstruct` and `ddim interpolate`, as DVC runs them; a second repro runs nothing."""
+    path, env = served_repo
+    saved = (path / "dvc.lock").read_text()
+    try:
+        out = run([str(BIN / "dvc"), "repro", "reconstruct", "interpolate"], path, env)
+        assert ran_stages(out.stdout + out.stderr)[-2:] == ["reconstruct", "interpolate"]
+        latent = path / "results" / "latent"
+        table = (latent / "reconstruct.csv").read_text().splitlines()
+        assert table[0].startswith("steps,spacing,nfe,mse") and [r.split(",")[0] for r in table[1:]] == ["2", "4"]
+        assert {"reconstruct.md", "reconstruct.png", "interpolation.png", "interpolation.json"} <= {
+            p.name for p in latent.iterdir()
+        }
+        shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], path, env).stdout)
+        assert "results/latent/reconstruct.json" in json.dumps(shown)
+        again = run([str(BIN / "dvc"), "repro", "reconstruct", "interpolate"], path, env)
+        assert ran_stages(again.stdout + again.stderr) == []
+    finally:
+        (path / "dvc.lock").write_text(saved)
 
 
 def _latest_pipeline_run_artifacts() -> set[str]:

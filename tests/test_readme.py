@@ -60,6 +60,8 @@ RUN_BY = {
     ),
     ".venv/bin/ddim sweep": "tests/test_pipeline.py::test_ddim_sweep_runs_one_stage_per_cell_and_only_new_cells_later",
     ".venv/bin/ddim runs --csv runs.csv": DEMO,
+    ".venv/bin/ddim reconstruct": "tests/test_pipeline.py::test_ddim_reconstruct_and_interpolate_are_dvc_stages",
+    ".venv/bin/ddim interpolate": "tests/test_pipeline.py::test_ddim_reconstruct_and_interpolate_are_dvc_stages",
 }
 
 

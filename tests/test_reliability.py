@@ -1,34 +1,68 @@
-"""Bad input through the real CLI: exit status 1, one `ddim <command>: error:` line that is the last on stderr,
-no traceback, and no file changed. (The stages' own refusals are tested beside each stage: a foreign samples
-folder, a folder that is not a prepared dataset, a killed stage's server, NaN weights and statistics.)"""
+"""Bad input and faults through the real CLI: exit status 1, one `ddim <command>: error:` line that is the last
+on stderr, no traceback, and nothing changed but the stage's own lock file. The cases, by class:
+
+- params and flags: not UTF-8, a value out of range, an unknown tracking URI scheme, an invalid cron, --debug;
+- foreign or damaged files: metrics.json, manifest.json, images.npy, model.pt, the reference .npz, the samples'
+  record, a non-image named .png, two .npz given to `ddim evaluate`;
+- hostile inputs, bounded: a device as data.path, a zip member or an image over the caps (refused, or skipped
+  with data.on_bad_image: skip), a download whose MD5 is wrong (final: one request, no retries);
+- concurrency: a second run on an output that a first one holds, several stages creating one MLflow database;
+- the operating system: a full disk.
+
+(The stages' refusals to delete are tested beside each stage: a foreign samples folder, a folder that is not a
+prepared dataset; SIGTERM and SIGKILL of a stage, and NaN weights and statistics, in test_sample_evaluate.)"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
+import shutil
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+import yaml
 from conftest import cli_env
+from PIL import Image
+
+from tasks.config import load_params
+from tasks.data import prepare_dataset
+from tasks.files import exclusive
+from tasks.sample import run_sampling
+from tasks.train import train
 
 DDIM = str(Path(sys.executable).with_name("ddim"))
+OWN_LOCK = re.compile(r"(.*/)?\.[^/]+\.lock")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under ``folder`` but the stages' lock files, which are theirs to write."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not OWN_LOCK.fullmatch(str(p.relative_to(folder))))
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
-def fail(tmp_path: Path, *args: str) -> str:
-    """Run ``ddim args`` in ``tmp_path``; check the failure's form and that nothing changed; its error line."""
-    before = snapshot(tmp_path)
-    out = subprocess.run(
-        [DDIM, *args], capture_output=True, text=True, cwd=tmp_path, env=cli_env(tmp_path), timeout=120
-    )
+def ddim(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``ddim args`` in ``cwd`` (the test session's Prefect home is elsewhere)."""
+    return subprocess.run([DDIM, *args], capture_output=True, text=True, cwd=cwd, env=cli_env(), timeout=timeout)
+
+
+def fail(cwd: Path, *args: str) -> str:
+    """Run ``ddim args`` in ``cwd``; check the failure's form and that nothing changed; its error line."""
+    before = snapshot(cwd)
+    out = ddim(cwd, *args)
+    command = next(a for a in args if not a.startswith("--"))
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"ddim {args[0]}: error: "), out.stderr
-    assert snapshot(tmp_path) == before
+    assert last.startswith(f"ddim {command}: error: "), out.stderr
+    assert snapshot(cwd) == before
     return last.split(": error: ", 1)[1]
 
 
@@ -68,3 +102,221 @@ def test_an_invalid_cron_schedule(project):
     assert fail(project, "serve", "--cron", "every night") == (
         "--cron 'every night' is not a cron schedule: five fields, e.g. '0 3 * * *'"
     )
+
+
+def test_debug_prints_the_traceback_before_the_one_line(project):
+    out = ddim(project, "--debug", "report", "--set", "evaluate.reference_count=-60")
+    assert out.returncode == 1 and "Traceback" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("ddim report: error: ")
+
+
+def test_a_full_disk(project, tmp_path_factory):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    store = f"tracking.uri=sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    message = fail(project, "runs", "--set", store, "--csv", "/dev/full")
+    assert message.startswith("No space left on device: /dev/full (free some space")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"not an npz", "is not an .npz file"),
+        ("keys", "with arrays mu and sigma ('mu is not a file in the archive')"),
+        ("shapes", "holds mu (3,) and sigma (2, 2): not statistics"),
+        ("objects", "Object arrays cannot be loaded"),
+    ],
+)
+def test_statistics_files_given_to_ddim_evaluate(project, content, message):
+    path = project / "a.npz"
+    if content == "keys":
+        np.savez(path, m=np.zeros(3))
+    elif content == "shapes":
+        np.savez(path, mu=np.zeros(3), sigma=np.zeros((2, 2)))
+    elif content == "objects":
+        np.savez(path, mu=np.array([{}], dtype=object), sigma=np.zeros((1, 1)))
+    else:
+        path.write_bytes(content)
+    assert message in fail(project, "evaluate", "a.npz", "a.npz")
+
+
+def test_a_file_named_png_that_is_not_an_image(project):
+    for folder in ("a", "b"):
+        (project / folder).mkdir()
+        Image.new("RGB", (8, 8), "red").save(project / folder / "0.png")
+        Image.new("RGB", (8, 8), "blue").save(project / folder / "1.png")
+    (project / "a" / "2.png").write_text("not a png")
+    assert "cannot read image a/2.png" in fail(project, "evaluate", "a", "b", "--set", "evaluate.num_workers=1")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A micro project whose stages have run, then damaged one file at a time
+# ---------------------------------------------------------------------------------------------------------
+
+MICRO = {
+    "data": {"source": "shapes", "name": "s", "count": 32, "image_size": 16},
+    "model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0},
+    "train": {"steps": 2, "batch_size": 8, "log_every": 1, "sample_every": 0, "checkpoint_every": 2, "num_workers": 0},
+    "sample": {"num_samples": 4, "batch_size": 4, "steps": 2},
+    "evaluate": {"reference_count": 16, "batch_size": 16, "num_workers": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """The micro project after prepare, train and sample (run in this process: the set-up is not under test)."""
+    root = tmp_path_factory.mktemp("built")
+    (root / "params.yaml").write_text(yaml.safe_dump(MICRO))
+    with contextlib.chdir(root):
+        params = load_params("params.yaml")
+        prepare_dataset(params.data, params.paths)
+        train(params)
+        run_sampling(params)
+    return root
+
+
+@pytest.fixture
+def copy(built, tmp_path) -> Path:
+    """A fresh copy of the built project, to damage."""
+    return Path(shutil.copytree(built, tmp_path / "project", symlinks=True))
+
+
+TRAIN_ELSEWHERE = ["--set", "paths.train=results/t2", "--set", "paths.checkpoints=results/c2"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: d / "images.npy", "images.npy cannot be read (mmap length is greater than file size)"),
+        (lambda d: d / "manifest.json", "manifest.json is not JSON"),
+        (lambda d: (d / "manifest.json").write_text("[1, 2]"), "is not a manifest of `ddim prepare`"),
+    ],
+    ids=["truncated-array", "truncated-manifest", "foreign-manifest"],
+)
+def test_a_damaged_prepared_dataset(copy, damage, message):
+    target = damage(copy / "data" / "prepared" / "s")
+    if isinstance(target, Path):
+        os.truncate(target, target.stat().st_size // 2)
+    assert message in fail(copy, "train", *TRAIN_ELSEWHERE)
+
+
+def _foreign_state_dict(path: Path) -> None:
+    torch.save({"conv.weight": torch.zeros(3, 3)}, path)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: os.truncate(p, 1000), "is not a readable model file"),
+        (lambda p: p.write_text("hello"), "is not a readable model file"),
+        (_foreign_state_dict, "has no model_config and ema entries: it is not a model.pt of this pipeline"),
+    ],
+    ids=["truncated", "text", "another-architecture"],
+)
+def test_a_damaged_or_foreign_model(copy, damage, message):
+    damage(copy / "results" / "train" / "model.pt")
+    assert message in fail(copy, "sample", "--set", "paths.samples=results/s2")
+
+
+@pytest.mark.integration
+def test_damaged_inputs_of_the_evaluate_stage(copy):
+    reference = copy / "data" / "reference" / "s.npz"
+    reference.parent.mkdir(parents=True)
+    reference.write_text("garbage")
+    assert "is not an .npz file" in fail(copy, "evaluate")
+    (copy / "results" / "samples" / "sample_stats.json").write_text("{")
+    assert "holds a damaged record of `ddim sample`" in fail(copy, "evaluate")
+
+
+@pytest.mark.integration
+def test_a_device_as_data_path(copy):
+    sets = ["--set", "data.source=folder", "--set", "data.path=/dev/zero", "--set", "data.name=z"]
+    assert fail(copy, "prepare", *sets) == (
+        "data.path /dev/zero is a device, pipe or socket: point it at a directory or .zip of images"
+    )
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.integration
+def test_images_over_the_caps_are_refused_or_skipped(copy):
+    """A zip of one good image, a member over data.max_file_bytes and a 20,000 x 20,000 PNG of 48 KB (400 M
+    pixels, over data.max_image_pixels): refused by default, skipped with on_bad_image: skip."""
+    with zipfile.ZipFile(copy / "in.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.png", _png(Image.new("RGB", (16, 16), "red")))
+        zf.writestr("b.png", b"\0" * 3_000_000)
+        zf.writestr("c.png", _png(Image.new("1", (20_000, 20_000))))
+    sets = ["--set", "data.source=folder", "--set", "data.path=in.zip", "--set", "data.name=z"]
+    sets += ["--set", "data.max_file_bytes=1000000"]
+    assert "b.png in in.zip (too big: 3,000,000 bytes, over data.max_file_bytes = 1,000,000)" in fail(
+        copy, "prepare", *sets
+    )
+    out = ddim(copy, "prepare", *sets, "--set", "data.on_bad_image=skip")
+    assert out.returncode == 0, out.stderr
+    assert "skipping unreadable image c.png (too big: Image size (400000000 pixels)" in out.stderr
+    manifest = yaml.safe_load((copy / "data" / "prepared" / "z" / "manifest.json").read_text())
+    assert (manifest["count"], manifest["skipped"]) == (1, 2)
+
+
+@pytest.mark.integration
+def test_a_download_with_the_wrong_md5_fails_at_once(copy, http_server):
+    """A checksum mismatch is final: one request, no retries (a network failure would be retried)."""
+    root, url = http_server
+    (root / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    sets = ["--set", "data.source=cifar10", "--set", f"data.url={url}/cifar-10-python.tar.gz", "--set", "data.name=c"]
+    start = time.monotonic()
+    message = fail(copy, "prepare", *sets)
+    assert "expected c58f30108f718f92721af3b95e74349a: the file there is not the expected one" in message
+    assert time.monotonic() - start < 60 and http_server.requests == ["/cifar-10-python.tar.gz"]
+
+
+@pytest.mark.integration
+def test_a_second_run_on_a_held_output_names_the_first(copy):
+    with exclusive(copy / "results" / "train", "`ddim train`"):
+        message = fail(copy, "train")
+    assert message == (
+        f"results/train is being written by `ddim train` (PID {os.getpid()}, since "
+        + message.split("since ", 1)[1].split(")")[0]
+        + "): wait for it to finish, or stop it"
+    )
+
+
+@pytest.mark.integration
+def test_stages_that_start_at_once_create_one_mlflow_database(tmp_path):
+    """Four processes open a new sqlite store at the same moment: without the lock, most die in a migration."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys; from tasks.tracking import mlflow_client, _experiment_id\n"
+        "print(_experiment_id(mlflow_client(sys.argv[1]), 'ddim', sys.argv[1]))"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    ids = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4 and len(set(ids)) == 1
+
+
+def test_only_what_can_succeed_on_retry_is_retried():
+    """The download task's retry condition: a network hiccup yes; a checksum, a 404, an unknown host, no."""
+    import socket
+    import urllib.error
+
+    from prefect.states import Failed
+
+    from pipelines.flows import _retryable
+    from tasks.download import DownloadError, _transient
+
+    def http(code: int) -> urllib.error.HTTPError:
+        return urllib.error.HTTPError("http://x", code, "", None, None)
+
+    assert [_transient(http(c)) for c in (404, 403, 408, 429, 500, 503)] == [False, False, True, True, True, True]
+    assert _transient(urllib.error.URLError(TimeoutError())) and _transient(ConnectionResetError())
+    assert not _transient(urllib.error.URLError(socket.gaierror(-2, "Name or service not known")))
+    assert not _transient(ValueError("unknown url type: 'x'"))
+    assert _retryable(None, None, Failed(data=DownloadError("reset", retryable=True)))
+    assert not _retryable(None, None, Failed(data=DownloadError("has md5 ..., expected ...")))
+    assert not _retryable(None, None, Failed(data=RuntimeError("a bug")))

@@ -148,7 +148,7 @@ def test_ddim_sample_refuses_a_foreign_folder_with_one_line(trained, tmp_path):
         [ddim, "sample", "--params", str(trained), "--set", f"paths.samples={out}"],
         capture_output=True,
         text=True,
-        env=cli_env(tmp_path),
+        env=cli_env(),
         timeout=300,
     )
     assert cli.returncode == 1 and "Traceback" not in cli.stderr
@@ -380,9 +380,7 @@ def test_sigterm_stops_ddim_sample_with_one_line_and_sigkill_leaves_no_server(tr
     command += ["--set", "sample.num_samples=4000", "--set", "sample.steps=20"]
 
     def start_and_wait_for_images() -> subprocess.Popen:
-        proc = subprocess.Popen(
-            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=cli_env(tmp_path)
-        )
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=cli_env())
         deadline = time.monotonic() + 120
         while not (out / "images" / "000008.png").exists() and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
@@ -396,7 +394,7 @@ def test_sigterm_stops_ddim_sample_with_one_line_and_sigkill_leaves_no_server(tr
     assert stderr.strip().splitlines()[-1] == "ddim sample: stopped by SIGTERM: rerun the same command to finish"
     assert not (out / "sample_stats.json").exists()  # written only when the images are all there
 
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(tmp_path))
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
     deadline = time.monotonic() + 60
     while not (servers := _children(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -434,3 +432,63 @@ def test_nothing_non_finite_passes_silently(trained, tmp_path):
         frechet_distance(mu, sigma, mu + np.nan, sigma)
     with pytest.raises(ConfigError, match="reference_count"):
         load_params(trained, ["evaluate.reference_count=-60"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The latent space: ddim reconstruct, ddim interpolate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_reconstruction_errors_per_image_do_not_depend_on_the_batch(trained, tmp_path):
+    from tasks.reconstruct import run_reconstruct
+
+    results = {}
+    for bs in (3, 8):
+        sets = [f"latent.batch_size={bs}", f"paths.latent={tmp_path / str(bs)}", "latent.num_images=8"]
+        params = load_params(trained, [*sets, "latent.steps=[2, 8]", "sample.precision=fp32"])
+        results[bs] = run_reconstruct(params)
+    rows = {bs: {r["steps"]: r for r in result["rows"]} for bs, result in results.items()}
+    for steps in (2, 8):
+        # The same numbers to float rounding (convolutions pick other kernels for other batch sizes).
+        assert rows[3][steps]["mse"] == pytest.approx(rows[8][steps]["mse"], rel=1e-4)
+        assert rows[3][steps]["mse_max"] == pytest.approx(rows[8][steps]["mse_max"], rel=1e-4)
+        assert rows[3][steps]["nfe"] == 2 * steps and rows[3][steps]["num_images"] == 8
+    assert rows[8][8]["mse"] > 0  # (how it falls with S is tested in closed form: test_diffusion.py)
+    out = tmp_path / "8"
+    table = (out / "reconstruct.csv").read_text().splitlines()
+    assert table[0] == "steps,spacing,nfe,mse,mse_max,paper_mse,num_images,seconds" and len(table) == 3
+    assert json.loads((out / "reconstruct.json").read_text())["mse"].keys() == {"2", "8"}
+    grid = np.asarray(Image.open(out / "reconstruct.png"))
+    assert grid.shape == (3 * 18 + 2, 8 * 18 + 2, 3)  # originals, then a row per S; 16 px images, 2 px padding
+    params = load_params(trained)
+    client = MlflowClient(tracking_uri=params.tracking.uri)
+    run = client.get_run(results[8]["run"])
+    assert run.data.tags["stage"] == "reconstruct"
+    assert run.data.tags["mlflow.parentRunId"] == (Path(params.paths.train) / "mlflow_run_id").read_text().strip()
+    assert run.data.metrics["mse_S8"] == pytest.approx(rows[8][8]["mse"])
+
+
+def test_reconstruct_refuses_a_dataset_too_small_or_of_another_size(trained):
+    from tasks.dataset import DataError
+    from tasks.reconstruct import run_reconstruct
+
+    with pytest.raises(DataError, match="holds 128 images, 500 are asked for"):
+        run_reconstruct(load_params(trained, ["latent.num_images=500"]))
+
+
+@pytest.mark.parametrize("endpoints", ["seeds", "images"])
+def test_interpolation_grid_and_the_norms_along_each_path(trained, tmp_path, endpoints):
+    from tasks.interpolate import run_interpolate
+
+    sets = [f"paths.latent={tmp_path}", "latent.pairs=2", "latent.frames=5", "latent.interpolate_steps=4"]
+    result = run_interpolate(load_params(trained, [*sets, f"latent.endpoints={endpoints}"]))
+    assert result["rows"] == ["pair 0: slerp", "pair 0: lerp", "pair 1: slerp", "pair 1: lerp"]
+    grid = np.asarray(Image.open(tmp_path / "interpolation.png"))
+    assert grid.shape == (4 * 18 + 2, 5 * 18 + 2, 3)
+    record = json.loads((tmp_path / "interpolation.json").read_text())
+    norms = np.array(record["latent_norm_per_sqrt_dim"])
+    slerp_rows, lerp_rows = norms[0::2], norms[1::2]
+    np.testing.assert_allclose(slerp_rows[:, 0], lerp_rows[:, 0])  # the same ends
+    np.testing.assert_allclose(slerp_rows[:, -1], lerp_rows[:, -1])
+    if endpoints == "seeds":  # Gaussian ends: the arc keeps their norm, the line's middle is ~0.71 of it
+        assert np.all(np.abs(slerp_rows - 1) < 0.1) and np.all(np.abs(lerp_rows[:, 2] - 0.71) < 0.1)

@@ -283,7 +283,7 @@ def test_sigterm_to_ddim_train_with_data_workers_checkpoints_and_says_so(tmp_pat
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
-        env=cli_env(tmp_path),
+        env=cli_env(),
         start_new_session=True,
     )
     deadline = time.time() + 240
