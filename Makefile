@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 UI     := .ui
+# The project's own Prefect home (git-ignored), as the ddim command uses: the UI shows this project's runs.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
 PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
 
@@ -62,7 +64,8 @@ ui: setup
 	@if [ -f $(UI)/prefect.pid ] && kill -0 $$(cat $(UI)/prefect.pid) 2>/dev/null; then \
 	  echo "Prefect UI already running"; \
 	else \
-	  PREFECT_SERVER_ANALYTICS_ENABLED=false setsid nohup $(BIN)/prefect server start --host 127.0.0.1 \
+	  PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	  setsid nohup $(BIN)/prefect server start --host 127.0.0.1 \
 	    --port $(PREFECT_PORT) > $(UI)/prefect.log 2>&1 & echo $$! > $(UI)/prefect.pid; \
 	fi
 	@if [ -f $(UI)/mlflow.pid ] && kill -0 $$(cat $(UI)/mlflow.pid) 2>/dev/null; then \

@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # The pipeline runs offline: no usage telemetry from Prefect's temporary server (set it to true to allow).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The project's own Prefect home (as `make ui` uses): its runs, not every project's, in its database.
+    os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     runs_a_flow = args.command in STAGES or (args.command == "evaluate" and not args.paths)
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if runs_a_flow else None
     try:

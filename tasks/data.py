@@ -34,13 +34,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
-from tqdm import tqdm
 
 from tasks.config import DataConfig, PathsConfig
 from tasks.dataset import ARRAY, FORMAT_VERSION, MANIFEST, PREVIEW, DataError, array_sha256, dataset_dir, load_manifest
 from tasks.download import DownloadError, fetch
 from tasks.files import file_hash, foreign_entries, write_json
 from tasks.images import make_grid, save_png
+from tasks.progress import progress_bar
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -160,7 +160,7 @@ def prepare_dataset(
     capacity, images, extra = open_source(data, paths, archive, cifar10_md5)
     with atomic_directory(dataset_dir(data, paths)) as tmp:
         writer = ArrayWriter(tmp / ARRAY, capacity, data.image_size)
-        for image in tqdm(images, total=capacity, desc=f"prepare {data.name}", unit="img", leave=False):
+        for image in progress_bar(images, total=capacity, desc=f"prepare {data.name}", unit="img", leave=False):
             writer.append(image)
         array = writer.finish()
         if len(array) == 0:

@@ -9,10 +9,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
-
 from tasks.errors import UserError
 from tasks.files import atomic_path, file_hash
+from tasks.progress import progress_bar
 
 # Hugging Face states the sha256 of a large (LFS) file in this header of its download response.
 SHA256_HEADER = "X-Linked-Etag"
@@ -54,7 +53,7 @@ def fetch(
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
                 stated = re.fullmatch(r'"?([0-9a-f]{64})"?', response.headers.get(SHA256_HEADER) or "")
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                with progress_bar(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                     while block := response.read(1 << 20):
                         f.write(block)
                         bar.update(len(block))

@@ -23,6 +23,7 @@ from tasks.config import Params
 from tasks.errors import UserError
 from tasks.files import atomic_path
 from tasks.inception import DIMS, load_inception
+from tasks.progress import progress_bar
 
 FID_IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid's list
 
@@ -84,14 +85,12 @@ def inception_features(
     dataset: Dataset, model: torch.nn.Module, batch_size: int = 200, num_workers: int = 0, progress: bool = True
 ) -> np.ndarray:
     """``[N, 2048]`` float64 pool3 features of every image in ``dataset``."""
-    from tqdm import tqdm
-
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     out = np.empty((len(dataset), DIMS), dtype=np.float64)
     i = 0
     try:
-        for batch in tqdm(loader, desc="inception", unit="batch", disable=not progress, leave=False):
+        for batch in progress_bar(loader, desc="inception", unit="batch", disable=not progress, leave=False):
             feats = batch_features(model, batch).cpu().numpy()
             out[i : i + len(feats)] = feats
             i += len(feats)

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from tasks.checkpoint import MODEL_FILE
 from tasks.config import Params, SampleConfig
@@ -34,6 +33,7 @@ from tasks.distributed import Ranks, rank_main
 from tasks.errors import UserError
 from tasks.files import atomic_path, file_hash, foreign_entries, write_json
 from tasks.images import make_grid, read_png, save_png, to_uint8
+from tasks.progress import progress_bar
 from tasks.sampling import batches, load_for_sampling, sample_images
 
 IMAGES = "images"
@@ -147,7 +147,7 @@ def generate(
     nfe = np.load(nfe_path) if nfe_path.is_file() else np.full(cfg.num_samples, -1, dtype=np.int64)
     start = leading_done(out, mine) // cfg.batch_size * cfg.batch_size
     todo = list(batches(mine[start:], cfg.batch_size))[:stop_after_batches]
-    with tqdm(total=len(mine), initial=start, desc="sample", unit="img", disable=not ranks.is_main) as bar:
+    with progress_bar(total=len(mine), initial=start, desc="sample", unit="img", disable=not ranks.is_main) as bar:
         for indices in todo:
             x0, batch_nfe = sample_images(model, alphas_cumprod, cfg, indices, amp_dtype)
             for i, img in zip(indices, to_uint8(x0), strict=True):

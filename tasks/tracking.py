@@ -58,15 +58,22 @@ def mlflow_client(uri: str) -> Any:
         return MlflowClient(tracking_uri=uri)  # creates the store, and with it the tables
 
 
+# MLflow 3's UI opens an experiment in the view its kind names; without the tag it may guess GenAI (traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: Any, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created (artifacts beside a local store) if it does not exist yet."""
+    """The id of experiment ``name``, created (artifacts beside a local store, marked as model training for the
+    UI) if it does not exist yet; an existing one without a kind is marked too."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if "mlflow.experimentKind" not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=_artifact_location(uri))
+        return client.create_experiment(name, artifact_location=_artifact_location(uri), tags=EXPERIMENT_KIND)
     except MlflowException:  # another process created it a moment ago
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

@@ -46,7 +46,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
-from tqdm import tqdm
 
 from models.diffusion import ddim_sample, ddim_timesteps, training_losses
 from models.unet import UNet
@@ -66,6 +65,7 @@ from tasks.errors import UserError
 from tasks.files import atomic_path, file_hash, write_json
 from tasks.images import make_grid, to_uint8
 from tasks.import_model import read_source, write_imported
+from tasks.progress import progress_bar
 from tasks.seeds import derive_seed
 from tasks.tracking import NullTracker, Tracker, git_commit, write_run_id
 
@@ -415,7 +415,7 @@ class Bookkeeping:
         self.last: dict[str, float] = {"loss": float("nan")}
         self.tracker: NullTracker = NullTracker()
         self.csv: MetricsCSV | None = None
-        self.bar = tqdm(
+        self.bar = progress_bar(
             total=run.cfg.steps, initial=run.start_step, desc="train", unit="step", disable=not run.dist.is_main
         )
         if run.dist.is_main:

@@ -343,6 +343,8 @@ def test_make_ui_starts_both_servers_and_ui_stop_ends_exactly_them(repo):
         assert prefect_url.startswith("http://127.0.0.1:") and mlflow_url.startswith("http://127.0.0.1:")
         _wait_for(f"{prefect_url}/api/health", 120)
         _wait_for(f"{mlflow_url}/health", 120)
+        with urllib.request.urlopen(f"{prefect_url}/ui-settings", timeout=10) as response:
+            assert json.loads(response.read())["api_url"] == f"{prefect_url}/api"  # the UI calls its own port
         assert "already running" in run(["make", "ui", *ports], path, env).stdout
     finally:
         stopped = run(["make", "ui-stop"], path, env)

@@ -97,6 +97,8 @@ def test_loss_falls_and_everything_is_logged(tmp_path, mlflow_uri):
 
     client = MlflowClient(tracking_uri=mlflow_uri)
     run = client.get_run(summary["mlflow_run_id"])
+    experiment = client.get_experiment(run.info.experiment_id)  # the UI opens it on the training runs
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.001" and run.data.params["model.ch"] == "32"
     assert run.data.tags["dataset.sha256"] == json.loads((tmp_path / "prepared/s/manifest.json").read_text())["sha256"]
