@@ -15,7 +15,7 @@ MLFLOW_PORT  ?= 5000
 help:
 	@echo "make setup  - create .venv and install the project with its dev tools (quick when done)"
 	@echo "make test   - setup, then run the test suite (what CI runs)"
-	@echo "make test-fast - setup, then the tests that start no DVC, Prefect server or subprocess and take < 10 s"
+	@echo "make test-fast - setup, then the tests that start no DVC or Prefect server and take < 10 s"
 	@echo "make lint   - setup, then ruff check + ruff format --check"
 	@echo "make format - setup, then let ruff fix imports and formatting"
 	@echo "make bench  - setup, then U-Net size and CPU training-step speed (JSON)"
