@@ -52,6 +52,17 @@ def write_json(obj: Any, path: str | Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def markdown_table(rows: list[dict[str, Any]], columns: list[str], float_format: str = ".2f") -> str:
+    """``rows`` as a Markdown table of ``columns`` (a missing or None value is an empty cell)."""
+
+    def show(value: Any) -> str:
+        return "" if value is None else format(value, float_format) if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(show(row.get(k)) for k in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, algorithm).hexdigest()

@@ -24,7 +24,7 @@ from tasks.config import Params
 from tasks.dataset import first_images
 from tasks.devices import pick_device, set_precision
 from tasks.errors import UserError
-from tasks.files import atomic_path, write_json
+from tasks.files import atomic_path, markdown_table, write_json
 from tasks.images import from_uint8, make_grid, save_png, to_uint8
 from tasks.sampling import batches, load_for_sampling
 from tasks.tracking import log_child_run, read_run_id
@@ -100,15 +100,6 @@ def run_reconstruct(params: Params) -> dict[str, Any]:
     return write_outputs(params, rows, np.concatenate(grid), manifest, {"device": str(device), "precision": precision})
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    def show(value: Any) -> str:
-        return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(show(row.get(k)) for k in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_outputs(
     params: Params, rows: list[dict[str, Any]], grid: np.ndarray, manifest: dict[str, Any], run: dict[str, str]
 ) -> dict[str, Any]:
@@ -119,7 +110,7 @@ def write_outputs(
     with atomic_path(out / "reconstruct.csv") as tmp:
         pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
     with atomic_path(out / "reconstruct.md") as tmp:
-        tmp.write_text(markdown_table(rows))
+        tmp.write_text(markdown_table(rows, COLUMNS, ".4g"))
     save_png(make_grid(grid, nrow=len(grid) // (len(rows) + 1)), out / "reconstruct.png")  # a row per S
     metrics = {"dataset": manifest["name"], "mse": {str(r["steps"]): r["mse"] for r in rows}, **run}
     write_json(metrics, out / "reconstruct.json")

@@ -28,7 +28,7 @@ from tasks.devices import pick_device, set_precision
 from tasks.distributed import Ranks, rank_main
 from tasks.errors import UserError
 from tasks.fid import FeatureStats, batch_features, frechet_distance, load_stats, reference_path, warn_if_biased
-from tasks.files import atomic_path, write_json
+from tasks.files import atomic_path, markdown_table, write_json
 from tasks.images import save_png, to_uint8
 from tasks.inception import load_inception
 from tasks.sampling import batches, load_for_sampling, sample_images
@@ -145,15 +145,6 @@ def read_cells(params: Params) -> list[dict[str, Any]]:
     return cells
 
 
-def markdown_table(cells: list[dict[str, Any]]) -> str:
-    def show(value: Any) -> str:
-        return "" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(show(cell.get(k)) for k in COLUMNS) + " |" for cell in cells]
-    return "\n".join(lines) + "\n"
-
-
 def plot_fid_vs_nfe(cells: list[dict[str, Any]], path: Path) -> None:
     """FID against model evaluations, one line per eta (log-scaled NFE), with the paper's where known."""
     import matplotlib
@@ -195,7 +186,7 @@ def write_table(params: Params) -> dict[str, Any]:
     with atomic_path(out / "table.csv") as tmp:
         pd.DataFrame(cells, columns=COLUMNS).to_csv(tmp, index=False)
     with atomic_path(out / "table.md") as tmp:
-        tmp.write_text(markdown_table(cells))
+        tmp.write_text(markdown_table(cells, COLUMNS))
     plot_fid_vs_nfe(cells, out / "fid_vs_nfe.png")
     return {"cells": cells, "table": str(out / "table.md"), "plot": str(out / "fid_vs_nfe.png")}
 
