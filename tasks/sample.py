@@ -165,8 +165,9 @@ def merged_nfe(out: Path, total: int) -> np.ndarray:
     return np.max([f for f in files if len(f) == total], axis=0) if files else np.full(total, -1)
 
 
-def write_stats(out: Path, cfg: SampleConfig, generated: int, seconds: float, device: str, precision: str) -> dict:
-    """``sample_stats.json`` and ``grid.png`` of the folder as it now is."""
+def write_stats(out: Path, cfg: SampleConfig, device: str, precision: str) -> dict:
+    """``sample_stats.json`` and ``grid.png`` of the folder as it now is: what the images are, not how long this
+    run took (the folder is a DVC output, identical whenever its images are)."""
     nfe = merged_nfe(out, cfg.num_samples)
     done = count_done(out, cfg.num_samples)
     made = nfe[nfe >= 0]
@@ -180,9 +181,6 @@ def write_stats(out: Path, cfg: SampleConfig, generated: int, seconds: float, de
         "nfe_mean": float(made.mean()) if len(made) else None,
         "nfe_min": int(made.min()) if len(made) else None,
         "nfe_max": int(made.max()) if len(made) else None,
-        "wall_seconds": round(seconds, 2),
-        "images_generated_now": generated,
-        "images_per_s": round(generated / seconds, 2) if generated else None,
         "device": device,
         "precision": precision,
     }
@@ -194,7 +192,8 @@ def write_stats(out: Path, cfg: SampleConfig, generated: int, seconds: float, de
 
 
 def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> dict[str, Any]:
-    """Generate the configured samples (continuing an interrupted run); ``sample_stats`` (rank 0; others: {})."""
+    """Generate the configured samples (continuing an interrupted run); ``sample_stats`` and this run's timing
+    (rank 0; others: {})."""
     cfg, ranks = params.sample, Ranks.from_env()
     device = pick_device(cfg.device, ranks.local_rank)
     model, alphas_cumprod = load_for_sampling(params, device)
@@ -210,7 +209,11 @@ def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> di
         begin = time.perf_counter()
         generated = ranks.sum(generate(model, alphas_cumprod, cfg, out, ranks, amp_dtype, stop_after_batches))
         seconds = time.perf_counter() - begin
-        return write_stats(out, cfg, generated, seconds, str(device), precision) if ranks.is_main else {}
+        if not ranks.is_main:
+            return {}
+        timing = {"wall_seconds": round(seconds, 2), "images_generated_now": generated}
+        timing["images_per_s"] = round(generated / seconds, 2) if generated else None
+        return {**write_stats(out, cfg, str(device), precision), **timing}
     finally:
         ranks.finish()
 

@@ -21,7 +21,9 @@ resumed takes exactly the steps an uninterrupted run takes (bit-exact on CPU wit
 
 Files (rank 0 only): checkpoints ``ckpt-<step>.pt`` in ``paths.checkpoints`` (atomic, the newest K kept) with
 the MLflow run id beside them; ``model.pt`` (``tasks/checkpoint.py``), ``train_run.json``,
-``train_metrics.csv`` and ``mlflow_run_id`` in ``paths.train``.
+``train_metrics.csv`` and ``mlflow_run_id`` in ``paths.train``. Only ``model.pt`` is the stage's result (its DVC
+output); the others record the run (which MLflow run, device, speed), so a rerun that makes the same model
+changes nothing DVC tracks.
 """
 
 from __future__ import annotations
@@ -430,6 +432,7 @@ class Bookkeeping:
             for old in list_checkpoints(ckpt_dir):
                 old.unlink()
             (ckpt_dir / "mlflow_run_id").unlink(missing_ok=True)
+            (out_dir / RUN_FILE).unlink(missing_ok=True)  # the last run's record, until this one exports
         tags = {
             "mlflow.source.git.commit": git_commit(),
             "dataset.sha256": run.dataset.manifest["sha256"],
@@ -438,7 +441,9 @@ class Bookkeeping:
             "device": str(run.device),
             "precision": run.precision,
         }
-        self.tracker = Tracker.for_training(params.tracking, params.model_dump(mode="json"), tags, ckpt_dir)
+        self.tracker = Tracker.for_training(
+            params.tracking, params.model_dump(mode="json"), tags, ckpt_dir, run_name=training_run_name(params)
+        )
         write_run_id(self.tracker.run_id, out_dir)
         self.csv = MetricsCSV(out_dir / "train_metrics.csv", run.start_step)
 
@@ -539,6 +544,12 @@ class Bookkeeping:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def training_run_name(params: Params) -> str:
+    """The MLflow run's name: what tells training runs apart in the runs table (data, width, steps, loss)."""
+    cfg = params.train
+    return f"{params.data.name}-ch{params.model.ch}-{cfg.steps}steps-lambda{cfg.lambda_reg:g}-{cfg.complexity_mode}"
+
+
 def export(run: Run, book: Bookkeeping) -> dict[str, Any]:
     """Write ``model.pt`` (bit-identical for the same weights) and the ``train_run.json`` sidecar."""
     params, out_dir = run.params, Path(run.params.paths.train)
@@ -594,7 +605,8 @@ def import_pretrained(params: Params) -> dict[str, Any]:
     ckpt_dir = Path(params.paths.checkpoints)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tags = {"stage": "train", "source": source, "source.sha256": imported.source["sha256"], "device": "cpu"}
-    tracker = Tracker.for_training(params.tracking, params.model_dump(mode="json"), tags, ckpt_dir)
+    name = "import-" + source.rstrip("/").rsplit("/", 1)[-1]  # hub id, URL, folder or file: its last part
+    tracker = Tracker.for_training(params.tracking, params.model_dump(mode="json"), tags, ckpt_dir, run_name=name)
     write_run_id(tracker.run_id, out_dir)
     MetricsCSV(out_dir / "train_metrics.csv", 0).close()  # no training: an empty loss curve
     about = {"model": str(model_path), "model_sha256": file_hash(model_path), "mlflow_run_id": tracker.run_id}

@@ -43,7 +43,9 @@ def test_prepare_flow_completes_with_a_manifest_artifact(prefect_server, tmp_pat
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["dataset-manifest"])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
         )
+        flow_run = client.read_flow_run(state.state_details.flow_run_id)
     assert len(artifacts) == 1 and manifest["sha256"] in artifacts[0].data
+    assert flow_run.name == "prepare-shapes data.count=12"  # the UI's runs list: stage, dataset, overrides
 
 
 def test_ddim_prepare_imports_a_folder(tmp_path):

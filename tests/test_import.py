@@ -257,8 +257,9 @@ def test_the_train_stage_imports_instead_of_training_when_model_pretrained_is_se
     assert summary["imported_from"] == str(st) and not list((tmp_path / "ckpt").glob("ckpt-*.pt")), "no training"
     run = json.loads((tmp_path / "out" / "train_run.json").read_text())
     assert run["source"]["layout"] == "diffusers" and run["mlflow_run_id"] == summary["mlflow_run_id"]
-    tags = MlflowClient(tracking_uri=mlflow_uri).get_run(summary["mlflow_run_id"]).data.tags
-    assert tags["stage"] == "train" and tags["source"] == str(st)
+    mlflow_run = MlflowClient(tracking_uri=mlflow_uri).get_run(summary["mlflow_run_id"])
+    tags = mlflow_run.data.tags
+    assert tags["stage"] == "train" and tags["source"] == str(st) and mlflow_run.info.run_name == f"import-{st.name}"
     assert (tmp_path / "out" / "train_metrics.csv").read_text().startswith("step,loss")
 
     with pytest.raises(TrainingError, match=r"is another U-Net: ch=32 \(params: 64\)"):

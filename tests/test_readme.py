@@ -19,7 +19,7 @@ README = (ROOT / "README.md").read_text()
 DEMO = "tests/test_pipeline.py::test_make_demo_runs_everything_then_only_what_changed"
 PIPELINE = "tests/test_pipeline.py::test_ddim_pipeline_publishes_metrics_and_runs_experiments"
 WORKER = "tests/test_pipeline.py::test_prefect_yaml_deploys_and_a_worker_runs_it"
-UI = "tests/test_pipeline.py::test_make_ui_starts_both_servers_and_ui_stop_ends_exactly_them"
+UI = "tests/test_pipeline.py::test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them"
 PROFILE = "tests/test_pipeline.py::test_switching_profile_is_one_command_that_dvc_params_diff_shows"
 RUN_BY = {
     "make demo": DEMO,

@@ -93,6 +93,8 @@ def test_sampling_resumes_after_a_kill(trained, tmp_path):
     assert stats["complete"] and stats["images_generated_now"] < 120
     np.testing.assert_array_equal(read_images(out, 120), read_images(reference, 120))
     assert not list((out / "images").glob(".*")), "no temporary files left"
+    # The folder (a DVC output) records what the images are, not how this run went: byte for byte the same.
+    assert snapshot(out) == snapshot(reference)
 
 
 def test_a_changed_sampling_config_starts_over(trained, tmp_path):
@@ -212,7 +214,7 @@ def test_a_complete_rerun_changes_no_file_even_on_another_device_setting(trained
     first = run_sampling(load_params(trained, overrides))
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()}
     again = run_sampling(load_params(trained, [*overrides, "sample.device=cpu"]))  # runtime keys make no new images
-    assert again == first
+    assert again.items() <= first.items()  # first also has its run's timing
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()} == files
 
 
@@ -456,7 +458,7 @@ def test_reconstruction_errors_per_image_do_not_depend_on_the_batch(trained, tmp
     assert rows[8][8]["mse"] > 0  # (how it falls with S is tested in closed form: test_diffusion.py)
     out = tmp_path / "8"
     table = (out / "reconstruct.csv").read_text().splitlines()
-    assert table[0] == "steps,spacing,nfe,mse,mse_max,paper_mse,num_images,seconds" and len(table) == 3
+    assert table[0] == "steps,spacing,nfe,mse,mse_max,paper_mse,num_images" and len(table) == 3
     assert json.loads((out / "reconstruct.json").read_text())["mse"].keys() == {"2", "8"}
     grid = np.asarray(Image.open(out / "reconstruct.png"))
     assert grid.shape == (3 * 18 + 2, 8 * 18 + 2, 3)  # originals, then a row per S; 16 px images, 2 px padding
@@ -465,7 +467,7 @@ def test_reconstruction_errors_per_image_do_not_depend_on_the_batch(trained, tmp
     run = client.get_run(results[8]["run"])
     assert run.data.tags["stage"] == "reconstruct"
     assert run.data.tags["mlflow.parentRunId"] == (Path(params.paths.train) / "mlflow_run_id").read_text().strip()
-    assert run.data.metrics["mse_S8"] == pytest.approx(rows[8][8]["mse"])
+    assert run.data.metrics["mse_S8"] == pytest.approx(rows[8][8]["mse"]) and run.data.metrics["seconds_S8"] > 0
 
 
 def test_reconstruct_refuses_a_dataset_too_small_or_of_another_size(trained):

@@ -100,6 +100,7 @@ def test_loss_falls_and_everything_is_logged(tmp_path, mlflow_uri):
     experiment = client.get_experiment(run.info.experiment_id)  # the UI opens it on the training runs
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "s-ch32-100steps-lambda0.1-scaled"  # what tells training runs apart
     assert run.data.params["train.lr"] == "0.001" and run.data.params["model.ch"] == "32"
     assert run.data.tags["dataset.sha256"] == json.loads((tmp_path / "prepared/s/manifest.json").read_text())["sha256"]
     assert "mlflow.source.git.commit" in run.data.tags
