@@ -40,13 +40,23 @@ def pixels(folder: Path, count: int) -> np.ndarray:
     return np.stack([np.asarray(Image.open(folder / "images" / f"{i:06d}.png")) for i in range(count)]).astype(int)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, list]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    threads_before = torch.get_num_threads()
+    try:
+        report = measure(args)
+    finally:
+        torch.set_num_threads(threads_before)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+def measure(args: argparse.Namespace) -> dict[str, list]:
     report: dict[str, list] = {"train": [], "sample": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -77,7 +87,7 @@ def main() -> None:
                 {"threads": threads, "identical": not diff.any(), "pixels_differing": float((diff > 0).mean())}
                 | {"max_grey_levels": int(diff.max())}
             )
-    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

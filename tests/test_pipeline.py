@@ -366,7 +366,7 @@ def chromium() -> str:
     return found
 
 
-def test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them(repo, chromium, tmp_path):
+def test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them(repo, chromium):
     from pipelines.browser import mlflow_experiment_url, prefect_runs_url, render
 
     path, env = repo
@@ -387,15 +387,16 @@ def test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them(repo,
         assert "already running" in run(["make", "ui", *ports], path, env).stdout
 
         # What a user sees: the pages as Chromium renders them, after their scripts have asked the servers.
-        prefect_page = render(prefect_runs_url(prefect_url), tmp_path / "prefect.png")
+        prefect_page = render(prefect_runs_url(prefect_url))
         for stage in ("prepare", "reference", "train", "sample", "evaluate"):
             assert f"{stage}-shapes16" in prefect_page, f"flow run {stage}-shapes16 not on the Prefect runs page"
         assert "Can't connect" not in prefect_page
-        mlflow_page = render(mlflow_experiment_url(mlflow_url, "ddim"), tmp_path / "mlflow.png")
+        mlflow_page = render(mlflow_experiment_url(mlflow_url, "ddim"))
         assert "shapes16-ch32-4steps-lambda0.1-scaled" in mlflow_page, "the training run, by name"
         assert "Run Name" in mlflow_page and "Overview" not in mlflow_page  # the runs table, not GenAI's overview
-        for shot in ("prefect.png", "mlflow.png"):
-            assert Image.open(tmp_path / shot).size == (1440, 900)
+        shots = run(["make", "screenshots", *ports], path, env)  # the README's pictures, into docs/
+        for shot in ("ui-prefect-runs.png", "ui-mlflow-runs.png"):
+            assert f"docs/{shot}" in shots.stdout and Image.open(path / "docs" / shot).size == (1440, 900)
     finally:
         stopped = run(["make", "ui-stop"], path, env)
     assert all(f"stopped {name} ({pid})" in stopped.stdout for name, pid in pids.items())

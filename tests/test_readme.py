@@ -45,6 +45,7 @@ RUN_BY = {
     "make ui": UI,
     "export PREFECT_API_URL=http://127.0.0.1:4200/api": WORKER,  # the tests point it at their own server
     "make ui-stop": UI,
+    "make screenshots": UI,
     ".venv/bin/prefect work-pool create ddim-process --type process": WORKER,
     ".venv/bin/prefect --no-prompt deploy --all": WORKER,
     ".venv/bin/prefect worker start --pool ddim-process": WORKER,  # with --run-once, so the test ends
