@@ -54,9 +54,9 @@ bench: setup
 	$(BIN)/python benchmarks/unet_speed.py
 
 # The demo: the main pipeline of dvc.yaml (prepare ... evaluate; not the sweep) on params.yaml (synthetic
-# shapes, a small U-Net, all offline). Runs show up in the Prefect UI when `make ui` is running.
+# shapes, a small U-Net, all offline). Runs show up in the Prefect UI when `make ui` is running: each ddim
+# command reports to the server whose API URL make ui wrote to .ui/prefect.url (unless PREFECT_API_URL is set).
 demo: setup
-	@if [ -f $(UI)/prefect.pid ]; then export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; fi; \
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate
 	@$(BIN)/ddim report
 
@@ -68,6 +68,7 @@ ui: setup
 	  PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
 	  setsid nohup $(BIN)/prefect server start --host 127.0.0.1 \
 	    --port $(PREFECT_PORT) > $(UI)/prefect.log 2>&1 & echo $$! > $(UI)/prefect.pid; \
+	  echo http://127.0.0.1:$(PREFECT_PORT)/api > $(UI)/prefect.url; \
 	fi
 	@if [ -f $(UI)/mlflow.pid ] && kill -0 $$(cat $(UI)/mlflow.pid) 2>/dev/null; then \
 	  echo "MLflow UI already running"; \
@@ -76,7 +77,7 @@ ui: setup
 	    --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
 	    > $(UI)/mlflow.log 2>&1 & echo $$! > $(UI)/mlflow.pid; \
 	fi
-	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (flows report there when PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api)"
+	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)  (ddim commands run here report to it)"
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)/#/experiments?workflowType=machine_learning  (training runs)"
 	@echo "logs in $(UI)/; stop both with: make ui-stop"
 
@@ -90,7 +91,7 @@ ui-stop:
 	      for i in $$(seq 30); do kill -0 -$$pid 2>/dev/null || break; sleep 0.5; done; \
 	      kill -9 -$$pid 2>/dev/null; echo "stopped $$name ($$pid)"; \
 	    fi; \
-	    rm -f $(UI)/$$name.pid; \
+	    rm -f $(UI)/$$name.pid $(UI)/$$name.url; \
 	  fi; \
 	done
 

@@ -17,7 +17,7 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipelines.prefect_api import TemporaryServer, drain_reports
+from pipelines.prefect_api import TemporaryServer, drain_reports, running_ui_api
 from tasks.config import load_params
 from tasks.errors import UserError
 
@@ -378,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     runs_a_flow = args.command in STAGES or (args.command == "evaluate" and not args.paths)
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if runs_a_flow else None
     try:
+        if runs_a_flow and not os.environ.get("PREFECT_API_URL") and (ui_api := running_ui_api()):
+            os.environ["PREFECT_API_URL"] = ui_api  # `make ui` is running here: report to it, as the UI shows
         server = TemporaryServer.launch() if runs_a_flow else None  # it boots while we check and import
         if runs_a_flow:
             load_params(args.params, args.overrides)  # fail on bad params before any flow starts

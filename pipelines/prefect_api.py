@@ -1,4 +1,5 @@
-"""The Prefect API that one `ddim` command reports to: ``PREFECT_API_URL`` if set, else a temporary server.
+"""The Prefect API that one `ddim` command reports to: ``PREFECT_API_URL`` if set, else the project's UI
+server if ``make ui`` is running (:func:`running_ui_api`), else a temporary server.
 
 Prefect's own temporary server (its "ephemeral mode") is a child process in the command's process group, so
 a signal to the group (Ctrl-C, or DVC or a Prefect worker stopping the command) kills it together with the
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from tasks.errors import UserError
 
@@ -31,6 +33,20 @@ PR_SET_PDEATHSIG = 1
 
 class PrefectServerError(UserError):
     """The temporary Prefect server would not start."""
+
+
+UI_API_FILE = Path(".ui") / "prefect.url"  # written by `make ui`, removed by `make ui-stop`
+
+
+def running_ui_api(root: Path | None = None) -> str | None:
+    """The API URL of the Prefect server that ``make ui`` started in ``root`` (default: here), if it answers."""
+    path = (root or Path.cwd()) / UI_API_FILE
+    try:
+        url = path.read_text().strip()
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return url if response.status == 200 else None
+    except (OSError, ValueError):  # no UI started here, or it has stopped
+        return None
 
 
 def _own_session_tied_to_parent(parent: int) -> None:

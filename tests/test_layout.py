@@ -145,3 +145,18 @@ def test_each_stage_lists_exactly_the_params_that_can_change_what_it_writes():
     assert listed == expected
     runtime = {"train.log_every", "train.num_workers", "train.device", "sample.device", "evaluate.device"}
     assert not runtime & {key for keys in listed.values() for key in keys}
+
+
+def test_dvc_ignores_the_lock_files_beside_stage_outputs():
+    """A lock file names the process that held it; in a folder some stage depends on (data/prepared for the
+    latent stages) it would make every run look like a changed dependency."""
+    from tasks.files import lock_path
+
+    lock = lock_path(Path("data/prepared/shapes16"))
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("dvc")), "check-ignore", str(lock)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == str(lock), out.stderr

@@ -347,6 +347,18 @@ def _wait_for(url: str, seconds: float) -> None:
         time.sleep(1)
 
 
+def _render_until(url: str, needles: list[str], seconds: float = 120) -> str:
+    """The page as Chromium renders it, once it shows every needle (a UI just started may render empty)."""
+    from pipelines.browser import render
+
+    deadline = time.monotonic() + seconds
+    while True:
+        page = render(url)
+        if all(needle in page for needle in needles) or time.monotonic() > deadline:
+            return page
+        time.sleep(2)
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's Chromium, installed here when missing (as root with apt-get, as on CI). Elsewhere the browser
@@ -367,7 +379,7 @@ def chromium() -> str:
 
 
 def test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them(repo, chromium):
-    from pipelines.browser import mlflow_experiment_url, prefect_runs_url, render
+    from pipelines.browser import mlflow_experiment_url, prefect_runs_url
 
     path, env = repo
     run(["make", "demo"], path, env)  # the runs to show (nothing to do when the test above ran)
@@ -385,13 +397,17 @@ def test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them(repo,
         with urllib.request.urlopen(f"{prefect_url}/ui-settings", timeout=10) as response:
             assert json.loads(response.read())["api_url"] == f"{prefect_url}/api"  # the UI calls its own port
         assert "already running" in run(["make", "ui", *ports], path, env).stdout
+        # Without PREFECT_API_URL, a ddim command run here reports to the UI's server, not a temporary one.
+        prepared = run([str(BIN / "ddim"), "prepare"], path, env)
+        assert f"View at {prefect_url}/runs/flow-run/" in prepared.stdout + prepared.stderr
 
         # What a user sees: the pages as Chromium renders them, after their scripts have asked the servers.
-        prefect_page = render(prefect_runs_url(prefect_url))
-        for stage in ("prepare", "reference", "train", "sample", "evaluate"):
+        stages = ("prepare", "reference", "train", "sample", "evaluate")
+        prefect_page = _render_until(prefect_runs_url(prefect_url), [f"{stage}-shapes16" for stage in stages])
+        for stage in stages:
             assert f"{stage}-shapes16" in prefect_page, f"flow run {stage}-shapes16 not on the Prefect runs page"
         assert "Can't connect" not in prefect_page
-        mlflow_page = render(mlflow_experiment_url(mlflow_url, "ddim"))
+        mlflow_page = _render_until(mlflow_experiment_url(mlflow_url, "ddim"), ["shapes16-ch32-4steps"])
         assert "shapes16-ch32-4steps-lambda0.1-scaled" in mlflow_page, "the training run, by name"
         assert "Run Name" in mlflow_page and "Overview" not in mlflow_page  # the runs table, not GenAI's overview
         shots = run(["make", "screenshots", *ports], path, env)  # the README's pictures, into docs/
