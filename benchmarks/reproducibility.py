@@ -18,26 +18,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from tasks.checkpoint import load_model
 from tasks.config import load_params
 from tasks.data import prepare_dataset
-from tasks.sample import run_sampling
+from tasks.images import read_png
+from tasks.sample import image_path, run_sampling
 from tasks.train import train
 
 THREADS = (2, 2, 1)
 
 
-def weights_against(first: Path, other: Path) -> dict[str, float | bool]:
-    a, b = load_model(first)[1]["ema"], load_model(other)[1]["ema"]
+def ema_weights(model_file: Path) -> dict[str, torch.Tensor]:
+    return load_model(model_file)[1]["ema"]
+
+
+def weights_against(a: dict[str, torch.Tensor], other: Path) -> dict[str, float | bool]:
+    b = ema_weights(other)
     diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     scale = max(float(a[k].float().abs().max()) for k in a)
     return {"identical": all(torch.equal(a[k], b[k]) for k in a), "max_abs_diff": diff, "max_abs_weight": scale}
 
 
 def pixels(folder: Path, count: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(folder / "images" / f"{i:06d}.png")) for i in range(count)]).astype(int)
+    return np.stack([read_png(image_path(folder, i)) for i in range(count)]).astype(int)
 
 
 def main(argv: list[str] | None = None) -> dict[str, list]:
@@ -70,14 +74,15 @@ def measure(args: argparse.Namespace) -> dict[str, list]:
         ]
         params = load_params(args.params, base)
         prepare_dataset(params.data, params.paths)
-        models = []
+        first = None
         for i, threads in enumerate(THREADS):
             torch.set_num_threads(threads)
             run = [*base, f"paths.train={root / f'train{i}'}", f"paths.checkpoints={root / f'ckpt{i}'}"]
             summary = train(load_params(args.params, run))
-            models.append(root / f"train{i}" / "model.pt")
+            if first is None:  # the run the others are compared with
+                first = ema_weights(root / "train0" / "model.pt")
             row = {"threads": threads, "weights_sha256": summary["weights_sha256"][:16]}
-            report["train"].append(row | weights_against(models[0], models[-1]))
+            report["train"].append(row | weights_against(first, root / f"train{i}" / "model.pt"))
         for i, threads in enumerate(THREADS):
             torch.set_num_threads(threads)
             out = root / f"samples{i}"

@@ -17,7 +17,7 @@ import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipelines.prefect_api import TemporaryServer, drain_reports, running_ui_api
+from pipelines.prefect_api import TemporaryServer, drain_reports
 from tasks.config import load_params
 from tasks.errors import UserError
 
@@ -265,8 +265,7 @@ def run_report(args: argparse.Namespace) -> int:
         print("  (FID from fewer than 2,048 images is biased upwards: compare it only at equal sample counts)")
     print(f"sample grid:    {Path(params.paths.samples) / 'grid.png'}")
     print(f"training curve: {Path(params.paths.train) / 'train_metrics.csv'}  (dvc plots show)")
-    run_id = read_run_id(Path(params.paths.train))
-    print(f"MLflow run:     {run_id}  in {tracking_uri(params.tracking)}")
+    print(f"MLflow run:     {read_run_id(Path(params.paths.train))}  in {tracking_uri(params.tracking)}")
     print("UIs:            make ui  -> Prefect http://127.0.0.1:4200/runs, MLflow (its training runs)")
     print(f"                http://127.0.0.1:5000/#/experiments{MLFLOW_TRAINING_VIEW}; compare: ddim runs")
     return 0
@@ -378,8 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     runs_a_flow = args.command in STAGES or (args.command == "evaluate" and not args.paths)
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if runs_a_flow else None
     try:
-        if runs_a_flow and not os.environ.get("PREFECT_API_URL") and (ui_api := running_ui_api()):
-            os.environ["PREFECT_API_URL"] = ui_api  # `make ui` is running here: report to it, as the UI shows
         server = TemporaryServer.launch() if runs_a_flow else None  # it boots while we check and import
         if runs_a_flow:
             load_params(args.params, args.overrides)  # fail on bad params before any flow starts

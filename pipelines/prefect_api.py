@@ -38,11 +38,10 @@ class PrefectServerError(UserError):
 UI_API_FILE = Path(".ui") / "prefect.url"  # written by `make ui`, removed by `make ui-stop`
 
 
-def running_ui_api(root: Path | None = None) -> str | None:
-    """The API URL of the Prefect server that ``make ui`` started in ``root`` (default: here), if it answers."""
-    path = (root or Path.cwd()) / UI_API_FILE
+def running_ui_api() -> str | None:
+    """The API URL of the Prefect server that ``make ui`` started in this folder, if it answers."""
     try:
-        url = path.read_text().strip()
+        url = UI_API_FILE.read_text().strip()
         with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
             return url if response.status == 200 else None
     except (OSError, ValueError):  # no UI started here, or it has stopped
@@ -116,10 +115,14 @@ class TemporaryServer:
 
     @classmethod
     def launch(cls) -> TemporaryServer | None:
-        """Start the server unless ``PREFECT_API_URL`` names one (or this is not Linux: Prefect's own mode)."""
-        if os.environ.get("PREFECT_API_URL") or not sys.platform.startswith("linux"):
+        """Start the server unless ``PREFECT_API_URL`` names one, ``make ui``'s server answers here (it then
+        becomes ``PREFECT_API_URL``), or this is not Linux (Prefect's own mode)."""
+        if os.environ.get("PREFECT_API_URL"):
             return None
-        return cls()
+        if ui_api := running_ui_api():
+            os.environ["PREFECT_API_URL"] = ui_api  # report where the UI shows the runs
+            return None
+        return cls() if sys.platform.startswith("linux") else None
 
     def wait(self) -> str:
         """The server's API URL once it answers; call before Prefect is imported."""
