@@ -74,6 +74,15 @@ def _chromium(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     return out
 
 
+def answering(url: str) -> None:
+    """Raise unless ``url`` answers: Chromium would render a browser error page, and save a picture of it."""
+    try:
+        with urllib.request.urlopen(url, timeout=10):
+            pass
+    except OSError as e:
+        raise BrowserError(f"nothing answers at {url} ({e}): start the UIs with `make ui` (on these ports)") from None
+
+
 def prefect_runs_url(prefect: str) -> str:
     return f"{prefect.rstrip('/')}/runs"
 
@@ -98,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where the screenshots go")
     args = parser.parse_args(argv)
     try:
+        for server, health in ((args.prefect, "/api/health"), (args.mlflow, "/health")):
+            answering(server.rstrip("/") + health)
         pages = {
             "ui-prefect-runs.png": prefect_runs_url(args.prefect),
             "ui-mlflow-runs.png": mlflow_experiment_url(args.mlflow, args.experiment),

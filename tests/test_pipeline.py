@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import free_port
 from PIL import Image
 
 from tasks.config import load_params, profile_params
@@ -328,12 +328,6 @@ def test_ddim_serve_runs_a_triggered_flow_run(served_repo):
         serve.wait(timeout=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait_for(url: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while True:
@@ -383,7 +377,7 @@ def test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them(repo,
 
     path, env = repo
     run(["make", "demo"], path, env)  # the runs to show (nothing to do when the test above ran)
-    ports = [f"PREFECT_PORT={_free_port()}", f"MLFLOW_PORT={_free_port()}"]
+    ports = [f"PREFECT_PORT={free_port()}", f"MLFLOW_PORT={free_port()}"]
     started = run(["make", "ui", *ports], path, env)
     pids = {name: int((path / ".ui" / f"{name}.pid").read_text()) for name in ("prefect", "mlflow")}
     try:

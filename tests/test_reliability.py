@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import cli_env
+from conftest import cli_env, free_port
 from PIL import Image
 
 from tasks.config import load_params
@@ -320,3 +320,14 @@ def test_only_what_can_succeed_on_retry_is_retried():
     assert _retryable(None, None, Failed(data=DownloadError("reset", retryable=True)))
     assert not _retryable(None, None, Failed(data=DownloadError("has md5 ..., expected ...")))
     assert not _retryable(None, None, Failed(data=RuntimeError("a bug")))
+
+
+def test_screenshots_of_ui_servers_that_are_not_running_are_one_line_and_no_file(tmp_path, capsys):
+    """Chromium would render its own error page and save a picture of that: refused before it starts."""
+    from pipelines.browser import main as screenshots
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert screenshots(["--prefect", dead, "--mlflow", dead, "--out", str(tmp_path / "docs")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.match(rf"ddim screenshots: error: nothing answers at {dead}/api/health .*: start the UIs with", last)
+    assert not (tmp_path / "docs").exists()
