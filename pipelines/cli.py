@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "runs", "compare the MLflow experiment's runs: differing params, final loss, FID per sampling config"
     )
     runs.add_argument("--csv", metavar="FILE", help="also write the table as CSV ('-' for standard output)")
+    checkpoints = _stage_parser(
+        sub, "checkpoints", "list the training checkpoints, one folder per recipe; delete only what you name"
+    )
+    checkpoints.add_argument("--delete", nargs="+", metavar="RECIPE", default=[], help="delete these recipes' folders")
+    checkpoints.add_argument(
+        "--delete-older-than", metavar="DATE", help="delete the recipes last written before DATE (YYYY-MM-DD)"
+    )
     profile = sub.add_parser(
         "profile",
         help="make params.yaml a profile of profiles/ (demo, cifar10, cifar10-ch64, cifar10-pretrained, celebahq)",
@@ -220,6 +227,39 @@ def run_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_checkpoints(args: argparse.Namespace) -> int:
+    """``ddim checkpoints``: the recipes under ``paths.checkpoints`` as a table; ``--delete`` removes only the
+    recipes named (by folder name or id), ``--delete-older-than`` those last written before a date."""
+    from tasks import checkpoint as ck
+
+    root = Path(load_params(args.params, args.overrides).paths.checkpoints)
+    for line in ck.adopt_flat_checkpoints(root):
+        print(f"moved into its recipe's folder: {line}")
+    doomed = ck.find_recipes(root, args.delete)
+    if args.delete_older_than:
+        doomed += [
+            r.folder
+            for r in ck.older_than([ck.read_recipe(f) for f in ck.recipe_folders(root)], args.delete_older_than)
+            if r.folder not in doomed
+        ]
+    for folder in doomed:
+        recipe = ck.read_recipe(folder)
+        ck.delete_recipe(folder)
+        print(f"deleted {folder} ({len(recipe.steps)} checkpoints, {recipe.size / 2**20:.1f} MB)")
+    if doomed:
+        return 0
+    rows = ck.describe_recipes([ck.read_recipe(f) for f in ck.recipe_folders(root)])
+    if not rows:
+        print(f"no checkpoints in {root}")
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 250, "display.max_colwidth", 80):
+        print(pd.DataFrame(rows).fillna("").to_string(index=False))
+    print(f"in {root}; delete one with: ddim checkpoints --delete RECIPE")
+    return 0
+
+
 def run_pipeline(args: argparse.Namespace) -> int:
     from pipelines.flows import pipeline_flow  # its stages, run by `dvc repro`, share this command's server
 
@@ -304,6 +344,7 @@ COMMANDS = {
     "serve": run_serve,
     "report": run_report,
     "profile": run_profile,
+    "checkpoints": run_checkpoints,
     "sweep": run_stage,
     "sweep-cell": run_stage,
     "sweep-table": run_stage,

@@ -15,14 +15,27 @@ precision) lives beside it in ``train_run.json``.
 
 Checkpoints ``ckpt-<step>.pt`` hold everything a run needs to continue exactly: weights, EMA, optimizer and
 grad-scaler state, the step (which is the whole random state; see ``tasks/train.py``) and a fingerprint of
-what the run was made with.
+what the run was made with (its *recipe*: model, diffusion, the training params that change what is learned,
+the data's checksum).
+
+Each recipe has a folder of its own under ``paths.checkpoints``, ``<data name>-<recipe id>`` (the id: the
+first 12 hex digits of the fingerprint's sha256), holding its checkpoints, ``recipe.json`` (the fingerprint,
+for ``ddim checkpoints``) and the MLflow run id. A run reads and prunes only its own recipe's folder, so
+training another recipe never touches it; only the user deletes a recipe (``ddim checkpoints --delete``).
+Checkpoints of the older flat layout (``paths.checkpoints/ckpt-*.pt``) are moved into their recipe's folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import shutil
+import time
 import warnings
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +43,14 @@ import torch
 
 from models.unet import UNet, UNetConfig
 from tasks.errors import UserError
-from tasks.files import save_torch
+from tasks.files import exclusive, save_torch, write_json
 
 MODEL_FILE = "model.pt"
 MODEL_FORMAT_VERSION = 1
 CKPT_PATTERN = re.compile(r"ckpt-(\d{8})\.pt")
+RECIPE_FILE = "recipe.json"
+RUN_ID_FILE = "mlflow_run_id"  # tasks.tracking's name for it, which this module may not import
+RECIPE_DIR_PATTERN = re.compile(r"[A-Za-z0-9._-]*?-?([0-9a-f]{12})")
 
 
 class ModelFileError(UserError):
@@ -110,20 +126,224 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -
 
 
 def newest_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
-    """The newest readable checkpoint made with the same ``fingerprint``, or None (training starts over)."""
+    """The newest readable checkpoint in ``folder`` made with ``fingerprint``, or None (training starts over).
+
+    ``folder`` is the recipe's own (:func:`recipe_dir`), so a checkpoint of another fingerprint is not expected
+    there; one is skipped with a warning, never deleted."""
     for path in reversed(list_checkpoints(folder)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # not a checkpoint of ours after all: say so, try the one before
             warnings.warn(f"ignoring unreadable checkpoint {path} ({e.__class__.__name__})", stacklevel=2)
             continue
-        if state.get("fingerprint") != fingerprint:
-            made_with = state.get("fingerprint") or {}
-            changed = sorted(k for k in fingerprint if made_with.get(k) != fingerprint[k])
-            warnings.warn(
-                f"the checkpoints in {folder} were made with other {', '.join(changed)} settings: training starts over",
-                stacklevel=2,
-            )
-            return None
+        try:
+            made_with = upgrade_fingerprint(state)
+        except (KeyError, TypeError, ValueError):
+            made_with = None
+        if made_with != fingerprint:
+            warnings.warn(f"ignoring {path}: it was made with another recipe than its folder's", stacklevel=2)
+            continue
         return state
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One folder per recipe
+# ---------------------------------------------------------------------------------------------------------
+
+
+def recipe_id(fingerprint: dict[str, Any]) -> str:
+    """12 hex digits that name a recipe: the sha256 of its fingerprint as canonical JSON."""
+    canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "_", name).strip("._") or "data"
+
+
+def recipe_folders(root: Path) -> list[Path]:
+    """The recipe folders under ``root`` (those holding a ``recipe.json`` or named ``...-<12 hex digits>``)."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and not p.is_symlink()
+        and not p.name.startswith(".")
+        and (RECIPE_DIR_PATTERN.fullmatch(p.name) or (p / RECIPE_FILE).is_file())
+    )
+
+
+def recipe_dir(root: Path, fingerprint: dict[str, Any], data_name: str) -> Path:
+    """The folder of ``fingerprint``'s checkpoints: the existing one with its id (whatever the data was called
+    then), else ``<root>/<data name>-<id>``."""
+    rid = recipe_id(fingerprint)
+    for folder in recipe_folders(root):
+        match = RECIPE_DIR_PATTERN.fullmatch(folder.name)
+        if match and match.group(1) == rid:
+            return folder
+    return root / f"{_slug(data_name)}-{rid}"
+
+
+def write_recipe(folder: Path, fingerprint: dict[str, Any], data_name: str) -> None:
+    """``recipe.json``: what the folder's checkpoints were made with, for ``ddim checkpoints``."""
+    if not (folder / RECIPE_FILE).is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        about = {"recipe": recipe_id(fingerprint), "data": data_name, "created": _now(), "fingerprint": fingerprint}
+        write_json(about, folder / RECIPE_FILE)
+
+
+def _now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def upgrade_fingerprint(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's fingerprint in today's form: those written before the global batch was the recipe's hold
+    ``batch_size`` per process, and their params say how many processes there were."""
+    fingerprint = state["fingerprint"]
+    train = dict(fingerprint["train"])
+    if "batch_size" in train:
+        ran = state["params"]["train"]
+        train["global_batch"] = train.pop("batch_size") * int(ran["nproc_per_node"]) * int(ran["nnodes"])
+    return {**fingerprint, "train": train}
+
+
+def adopt_flat_checkpoints(root: Path) -> list[str]:
+    """Move checkpoints of the flat layout (``root/ckpt-*.pt``, one recipe at a time) into their recipe's folder,
+    with the MLflow run id beside them. Returns what was moved, as lines. An unreadable file, or one whose name
+    its folder already holds, stays where it is."""
+    moved: list[str] = []
+    newest_folder = None
+    for path in list_checkpoints(root):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            fingerprint = upgrade_fingerprint(state)
+            data_name = str(state["params"]["data"]["name"])
+        except Exception as e:
+            warnings.warn(f"left {path} where it is: not a readable checkpoint ({e.__class__.__name__})", stacklevel=2)
+            continue
+        folder = recipe_dir(root, fingerprint, data_name)
+        if (folder / path.name).exists():
+            warnings.warn(f"left {path} where it is: {folder} already holds a {path.name}", stacklevel=2)
+            continue
+        write_recipe(folder, fingerprint, data_name)
+        os.replace(path, folder / path.name)
+        moved.append(f"{path} -> {folder / path.name}")
+        newest_folder = folder
+    run_id = root / RUN_ID_FILE
+    if newest_folder is not None and run_id.is_file() and not (newest_folder / RUN_ID_FILE).exists():
+        os.replace(run_id, newest_folder / RUN_ID_FILE)  # the flat layout's run id was the newest run's
+    return moved
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One recipe folder, as ``ddim checkpoints`` lists it."""
+
+    folder: Path
+    fingerprint: dict[str, Any]
+    data: str
+    steps: list[int]
+    size: int  # bytes of the whole folder
+    last_written: float  # seconds since the epoch, of the newest file
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+
+def read_recipe(folder: Path) -> Recipe:
+    """What ``folder`` holds: its fingerprint (from ``recipe.json``, else its newest checkpoint), steps, size."""
+    about: dict[str, Any] = {}
+    try:
+        about = json.loads((folder / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        for path in reversed(list_checkpoints(folder)):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                about = {"fingerprint": state["fingerprint"], "data": state["params"]["data"]["name"]}
+                break
+            except Exception:
+                continue
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+    return Recipe(
+        folder=folder,
+        fingerprint=about.get("fingerprint") or {},
+        data=str(about.get("data", "?")),
+        steps=[int(CKPT_PATTERN.fullmatch(p.name).group(1)) for p in list_checkpoints(folder)],
+        size=sum(p.stat().st_size for p in files),
+        last_written=max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime),
+    )
+
+
+def _names(folder: Path, name: str) -> bool:
+    match = RECIPE_DIR_PATTERN.fullmatch(folder.name)
+    return folder.name == name or bool(match and len(name) >= 4 and match.group(1).startswith(name))
+
+
+def find_recipes(root: Path, names: list[str]) -> list[Path]:
+    """The recipe folders that ``names`` name: a folder name, or a recipe id (or its first 4+ digits)."""
+    folders, found = recipe_folders(root), []
+    for name in names:
+        hits = [f for f in folders if f.name == name] or [f for f in folders if _names(f, name)]
+        if len(hits) != 1:
+            known = ", ".join(f.name for f in folders) or "none"
+            what = "matches several recipes" if hits else "is no recipe"
+            raise UserError(f"{name!r} {what} in {root} (recipes: {known}): name one as `ddim checkpoints` lists it")
+        found.append(hits[0])
+    return found
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def describe_recipes(recipes: list[Recipe]) -> list[dict[str, Any]]:
+    """One row per recipe: its name, data, model in words, the recipe params that differ between the listed
+    recipes, newest step, checkpoint count, size and when it was last written."""
+    flats = [_flat(r.fingerprint) for r in recipes]
+    keys = sorted({k for f in flats for k in f} - {"dataset_sha256"})
+    varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1]
+    rows = []
+    for recipe, flat in zip(recipes, flats, strict=True):
+        m = recipe.fingerprint.get("model", {})
+        model = f"ch{m.get('ch')} x{tuple(m.get('ch_mult', ()))} {m.get('image_size')}px" if m else "?"
+        sha = str(recipe.fingerprint.get("dataset_sha256", ""))[:8]
+        rows.append(
+            {
+                "recipe": recipe.name,
+                "data": f"{recipe.data} ({sha})" if sha else recipe.data,
+                "model": model,
+                "differs": " ".join(f"{k.removeprefix('train.')}={flat.get(k)}" for k in varying),
+                "newest_step": recipe.steps[-1] if recipe.steps else None,
+                "checkpoints": len(recipe.steps),
+                "size_mb": round(recipe.size / 2**20, 1),
+                "last_written": datetime.fromtimestamp(recipe.last_written).strftime("%Y-%m-%d %H:%M"),
+            }
+        )
+    return rows
+
+
+def delete_recipe(folder: Path) -> None:
+    """Delete one recipe's folder, unless a run is writing it (its lock is held)."""
+    with exclusive(folder, "`ddim checkpoints --delete`"):
+        shutil.rmtree(folder)
+    (folder.parent / f".{folder.name}.lock").unlink(missing_ok=True)
+
+
+def older_than(recipes: list[Recipe], date: str) -> list[Recipe]:
+    """The recipes whose newest file was written before ``date`` (ISO 8601, e.g. 2026-11-30)."""
+    try:
+        when = datetime.fromisoformat(date)
+    except ValueError:
+        raise UserError(f"--older-than {date!r} is not a date: write it as YYYY-MM-DD (or YYYY-MM-DDTHH:MM)") from None
+    cutoff = when.timestamp() if when.tzinfo else time.mktime(when.timetuple())
+    return [r for r in recipes if r.last_written < cutoff]

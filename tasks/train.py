@@ -19,8 +19,9 @@ seeding torch from (train.seed, r, s), and the data order of epoch e comes from 
 random state at any step is therefore a function of the step, which a checkpoint stores; a run killed and
 resumed takes exactly the steps an uninterrupted run takes (bit-exact on CPU with train.deterministic).
 
-Files (rank 0 only): checkpoints ``ckpt-<step>.pt`` in ``paths.checkpoints`` (atomic, the newest K kept) with
-the MLflow run id beside them; ``model.pt`` (``tasks/checkpoint.py``), ``train_run.json``,
+Files (rank 0 only): checkpoints ``ckpt-<step>.pt`` in the recipe's own folder under ``paths.checkpoints``
+(``tasks/checkpoint.py``; atomic, the newest K kept, other recipes' folders never touched) with the MLflow run
+id beside them; ``model.pt`` (``tasks/checkpoint.py``), ``train_run.json``,
 ``train_metrics.csv`` and ``mlflow_run_id`` in ``paths.train``. Only ``model.pt`` is the stage's result (its DVC
 output); the others record the run (which MLflow run, device, speed), so a rerun that makes the same model
 changes nothing DVC tracks.
@@ -53,18 +54,21 @@ from models.diffusion import ddim_sample, ddim_timesteps, training_losses
 from models.unet import UNet
 from tasks.checkpoint import (
     MODEL_FILE,
+    adopt_flat_checkpoints,
     list_checkpoints,
     newest_checkpoint,
+    recipe_dir,
     save_checkpoint,
     save_model,
     weights_digest,
+    write_recipe,
 )
 from tasks.config import Params, TrainConfig
 from tasks.dataset import PreparedDataset, dataset_dir
 from tasks.devices import on_device, pick_device, set_precision
 from tasks.distributed import Ranks, rank_main
 from tasks.errors import UserError
-from tasks.files import atomic_path, file_hash, write_json
+from tasks.files import atomic_path, exclusive, file_hash, write_json
 from tasks.images import make_grid, to_uint8
 from tasks.import_model import read_source, write_imported
 from tasks.progress import progress_bar
@@ -75,9 +79,10 @@ METRICS_FIELDS = ["step", "loss", "mse", "complexity_term", "lr", "grad_norm", "
 RUN_FILE = "train_run.json"
 
 # Train keys that a checkpoint may differ in and still be resumed: those that cannot change what is learned
-# (the runtime keys of TrainConfig), plus more steps, another process count or compiling.
+# (the runtime keys of TrainConfig), plus more steps, another process count or compiling. The per-process
+# batch_size is replaced by the global batch (batch_size x processes), which is what the recipe learns with.
 RUNTIME_KEYS = set(TrainConfig.model_fields) - set(TrainConfig.result_keys())
-RESUMABLE_ACROSS = RUNTIME_KEYS | {"steps", "nproc_per_node", "nnodes", "compile"}
+RESUMABLE_ACROSS = RUNTIME_KEYS | {"steps", "nproc_per_node", "nnodes", "compile", "batch_size"}
 
 
 class TrainingError(UserError):
@@ -111,6 +116,7 @@ class Run:
     alphas_cumprod: torch.Tensor  # on the device (float32 on MPS, float64 elsewhere)
     fingerprint: dict[str, Any]
     start_step: int
+    checkpoints: Path  # this recipe's own folder under paths.checkpoints
 
     @property
     def cfg(self) -> TrainConfig:
@@ -125,15 +131,45 @@ class Run:
         return self.cfg.batch_size * self.dist.world_size
 
 
-def training_fingerprint(params: Params, dataset_sha256: str) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: the model, the diffusion, the recipe and the data."""
+def training_fingerprint(params: Params, dataset_sha256: str, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the model, the diffusion, the recipe and the data.
+
+    The recipe holds the global batch, not the per-process one: 2 processes x 64 continue a run of 1 x 128 (the
+    same images in each step; each image's noise is drawn on another rank), while 2 x 128 is another recipe
+    with a folder of its own, so a resumed run never changes its batch in the middle."""
     recipe = {k: v for k, v in params.train.model_dump().items() if k not in RESUMABLE_ACROSS}
+    recipe["global_batch"] = params.train.batch_size * world_size
     return {
         "model": params.model.unet_config(params.data.image_size).to_dict(),
         "diffusion": params.diffusion.model_dump(),
         "train": recipe,
         "dataset_sha256": dataset_sha256,
     }
+
+
+def open_checkpoints(
+    params: Params, fingerprint: dict[str, Any], dist_info: Ranks, locks: contextlib.ExitStack | None
+) -> Path:
+    """This recipe's checkpoint folder, locked by rank 0 for as long as ``locks`` lasts (None: not locked, for
+    benchmarks that only step); the flat layout is moved into recipe folders first (rank 0; the others wait)."""
+    root = Path(params.paths.checkpoints)
+    if dist_info.is_main:
+        for line in adopt_flat_checkpoints(root):
+            print(f"moved into its recipe's folder: {line}", file=sys.stderr)
+    if dist_info.distributed:
+        dist.barrier()
+    folder = recipe_dir(root, fingerprint, params.data.name)
+    if dist_info.is_main:
+        if locks is not None:
+            locks.enter_context(exclusive(folder, "`ddim train`"))
+        if params.train.resume == "never" and list_checkpoints(folder):
+            raise TrainingError(
+                f"train.resume is never, but {folder} holds checkpoints of this recipe up to step "
+                f"{list_checkpoints(folder)[-1].stem[5:].lstrip('0') or 0}: delete them first "
+                f"(ddim checkpoints --delete {folder.name}), or set train.resume=auto to continue them"
+            )
+        write_recipe(folder, fingerprint, params.data.name)
+    return folder
 
 
 def setup_process(cfg: TrainConfig, dist_info: Ranks) -> torch.device:
@@ -181,8 +217,9 @@ def _forward_losses(
         )
 
 
-def build_run(params: Params) -> Run:
-    """Build the model, EMA, optimizer and data; load the newest checkpoint made with the same fingerprint."""
+def build_run(params: Params, locks: contextlib.ExitStack | None = None) -> Run:
+    """Build the model, EMA, optimizer and data; load the newest checkpoint of the same recipe (fingerprint).
+    ``locks`` holds the recipe folder's lock until the run ends."""
     cfg, dist_info = params.train, Ranks.from_env()
     device = setup_process(cfg, dist_info)
     amp_dtype, precision = set_precision(cfg.precision, device)
@@ -195,8 +232,9 @@ def build_run(params: Params) -> Run:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    fingerprint = training_fingerprint(params, dataset.manifest["sha256"])
-    state = newest_checkpoint(Path(params.paths.checkpoints), fingerprint) if cfg.resume == "auto" else None
+    fingerprint = training_fingerprint(params, dataset.manifest["sha256"], dist_info.world_size)
+    checkpoints = open_checkpoints(params, fingerprint, dist_info, locks)
+    state = newest_checkpoint(checkpoints, fingerprint) if cfg.resume == "auto" else None
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -229,6 +267,7 @@ def build_run(params: Params) -> Run:
         alphas_cumprod=alphas_cumprod,
         fingerprint=fingerprint,
         start_step=int(state["step"]) if state is not None else 0,
+        checkpoints=checkpoints,
     )
 
 
@@ -426,11 +465,8 @@ class Bookkeeping:
     def _open_outputs(self) -> None:
         """The MLflow run (continued on resume), the metrics CSV and the run id file (main process only)."""
         params, run = self.run.params, self.run
-        ckpt_dir, out_dir = Path(params.paths.checkpoints), Path(params.paths.train)
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if run.start_step == 0:  # resume=never, or nothing usable: start clean
-            for old in list_checkpoints(ckpt_dir):
-                old.unlink()
+        ckpt_dir, out_dir = run.checkpoints, Path(params.paths.train)
+        if run.start_step == 0:  # no checkpoint of this recipe: a new MLflow run (other recipes' stay as they are)
             (ckpt_dir / "mlflow_run_id").unlink(missing_ok=True)
             (out_dir / RUN_FILE).unlink(missing_ok=True)  # the last run's record, until this one exports
         tags = {
@@ -483,7 +519,7 @@ class Bookkeeping:
         if bad_step >= 0:
             raise TrainingError(
                 f"the loss or gradient became NaN or inf at step {bad_step + 1}; the last good checkpoint in "
-                f"{self.run.params.paths.checkpoints} is kept: lower train.lr or use train.precision=fp32"
+                f"{self.run.checkpoints} is kept: lower train.lr or use train.precision=fp32"
             )
         return bool(stop)
 
@@ -529,7 +565,7 @@ class Bookkeeping:
             "params": run.params.model_dump(mode="json"),
             "mlflow_run_id": self.tracker.run_id,
         }
-        save_checkpoint(Path(run.params.paths.checkpoints), step, state, run.cfg.keep_checkpoints)
+        save_checkpoint(run.checkpoints, step, state, run.cfg.keep_checkpoints)
 
     def close(self, status: str, finished: bool) -> None:
         self.bar.close()
@@ -602,7 +638,8 @@ def import_pretrained(params: Params) -> dict[str, Any]:
     model_path = out_dir / MODEL_FILE
     write_imported(imported, model_path)
 
-    ckpt_dir = Path(params.paths.checkpoints)
+    # The import's MLflow run id: in a folder of its own (one per source file), apart from the training recipes.
+    ckpt_dir = Path(params.paths.checkpoints) / f".import-{imported.source['sha256'][:12]}"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tags = {"stage": "train", "source": source, "source.sha256": imported.source["sha256"], "device": "cpu"}
     name = "import-" + source.rstrip("/").rsplit("/", 1)[-1]  # hub id, URL, folder or file: its last part
@@ -625,7 +662,14 @@ def train(
     """Run (or resume) training as configured; return a summary. ``stop_after`` ends early (tests)."""
     if params.model.pretrained:
         return import_pretrained(params)
-    run = build_run(params)
+    with contextlib.ExitStack() as locks:
+        return _train(build_run(params, locks), stop_after, progress)
+
+
+def _train(
+    run: Run, stop_after: int | None, progress: Callable[[int, int, dict[str, float]], None] | None
+) -> dict[str, Any]:
+    params = run.params
     end = params.train.steps if stop_after is None else min(params.train.steps, stop_after)
     book = Bookkeeping(run, end, progress)
     done, status = run.start_step, "FAILED"

@@ -130,13 +130,13 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, mlflow_uri):
         stderr=subprocess.DEVNULL,
         cwd=params.parent,
     )
-    ckpt = tmp_path / "killed" / "ckpt"
     deadline = time.time() + 240
-    while not (ckpt / "ckpt-00000010.pt").exists() and time.time() < deadline:
+    while not list((tmp_path / "killed" / "ckpt").glob("*/ckpt-00000010.pt")) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)  # somewhere past step 10, before the run can finish
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    (ckpt,) = (p for p in (tmp_path / "killed" / "ckpt").iterdir() if p.is_dir())  # the recipe's folder
     run_id = (ckpt / "mlflow_run_id").read_text()
 
     resumed = run_train(params)
@@ -147,7 +147,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, mlflow_uri):
     assert summary["mlflow_run_id"] == run_id.strip()
     steps = [int(r["step"]) for r in metrics_rows(tmp_path / "killed")]
     assert steps == list(range(1, 31)), "no step logged twice, none missing"
-    ref_state = torch.load(tmp_path / "ref" / "ckpt" / "ckpt-00000030.pt", weights_only=True)
+    (ref_state,) = (torch.load(p, weights_only=True) for p in (tmp_path / "ref" / "ckpt").glob("*/ckpt-00000030.pt"))
     new_state = torch.load(ckpt / "ckpt-00000030.pt", weights_only=True)
     for name, tensor in ref_state["model"].items():
         assert torch.equal(tensor, new_state["model"][name]), name
@@ -178,7 +178,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_non_zero(tmp_path, mlflow_uri):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "stopped at step" in err and "Traceback" not in err
-    saved = list((tmp_path / "ckpt").glob("ckpt-*.pt"))
+    saved = list((tmp_path / "ckpt").glob("*/ckpt-*.pt"))
     assert len(saved) == 1
     assert torch.load(saved[0], weights_only=True)["step"] >= 3
 
@@ -212,7 +212,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, mlflo
     params = load_params(setup_run(tmp_path, mlflow_uri, steps=40, checkpoint_every=2, log_every=2, lr=1e30, warmup=0))
     with pytest.raises(TrainingError, match=r"loss or gradient became NaN or inf at step \d+"):
         train(params)
-    for path in (tmp_path / "ckpt").glob("ckpt-*.pt"):
+    for path in (tmp_path / "ckpt").glob("*/ckpt-*.pt"):
         state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"].values())
 
@@ -234,8 +234,8 @@ def test_a_nan_gradient_on_a_checkpoint_step_is_never_checkpointed(tmp_path, mlf
     params = load_params(setup_run(tmp_path, mlflow_uri, steps=20, log_every=10, checkpoint_every=4))
     with pytest.raises(TrainingError, match="NaN or inf at step 8"):
         train(params)
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*.pt")) == ["ckpt-00000004.pt"]
-    state = torch.load(tmp_path / "ckpt" / "ckpt-00000004.pt", weights_only=True)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*/ckpt-*.pt")) == ["ckpt-00000004.pt"]
+    (state,) = (torch.load(p, weights_only=True) for p in (tmp_path / "ckpt").glob("*/ckpt-00000004.pt"))
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
@@ -255,7 +255,7 @@ def test_a_nan_that_only_rank_1_sees_stops_every_rank_before_the_next_checkpoint
     assert out.returncode != 0
     message = "ddim train: error: the loss or gradient became NaN or inf at step 6"
     assert out.stderr.count(message) == 2, f"both ranks stop at the same step:\n{out.stderr[-3000:]}"
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*.pt")) == ["ckpt-00000004.pt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*/ckpt-*.pt")) == ["ckpt-00000004.pt"]
 
 
 def test_model_pt_holds_only_the_model_and_a_rerun_rewrites_the_same_bytes(tmp_path, mlflow_uri):
@@ -298,7 +298,7 @@ def test_sigterm_to_ddim_train_with_data_workers_checkpoints_and_says_so(tmp_pat
     assert proc.returncode == 1, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("ddim train: error: stopped at step"), err[-3000:]
     assert "Traceback" not in err
-    (saved,) = (tmp_path / "ckpt").glob("ckpt-*.pt")
+    (saved,) = (tmp_path / "ckpt").glob("*/ckpt-*.pt")
     assert torch.load(saved, weights_only=True)["step"] >= 3
 
 
@@ -328,14 +328,14 @@ def test_a_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path, mlflow_uri):
         train(params)
 
 
-def test_more_steps_resume_but_a_changed_recipe_starts_over(tmp_path, mlflow_uri):
+def test_more_steps_resume_but_a_changed_recipe_starts_over_in_its_own_folder(tmp_path, mlflow_uri):
     params_file = setup_run(tmp_path, mlflow_uri, steps=10)
     first = train(load_params(params_file))
     longer = train(load_params(params_file, ["train.steps=20"]))
     assert longer["resumed_from"] == 10 and longer["mlflow_run_id"] == first["mlflow_run_id"]
-    with pytest.warns(UserWarning, match="made with other train settings: training starts over"):
-        changed = train(load_params(params_file, ["train.steps=20", "train.lr=0.002"]))
+    changed = train(load_params(params_file, ["train.steps=20", "train.lr=0.002"]))  # another recipe: its own folder
     assert changed["resumed_from"] == 0 and changed["mlflow_run_id"] != first["mlflow_run_id"]
+    assert len(list((tmp_path / "ckpt").iterdir())) == 4  # two recipe folders and their locks
 
 
 @pytest.mark.slow  # compiling takes about 40 s on 2 CPU cores
@@ -343,7 +343,7 @@ def test_train_compile_compiles_the_step_and_learns_what_eager_learns(tmp_path, 
     params_file = setup_run(tmp_path, mlflow_uri, steps=6, log_every=3, checkpoint_every=3)
     compiled = train(load_params(params_file, ["train.compile=true"]))
     compiled_rows = metrics_rows(tmp_path)
-    eager = train(load_params(params_file, ["train.resume=never"]))
+    eager = train(load_params(params_file, ["train.resume=never", f"paths.checkpoints={tmp_path}/eager"]))
     for a, b in zip(compiled_rows, metrics_rows(tmp_path), strict=True):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-2)
     assert compiled["step"] == eager["step"] == 6
@@ -458,8 +458,16 @@ def test_two_machines_meet_at_a_rendezvous_and_train_as_two_ranks(tmp_path, mlfl
     summaries = [json.loads(line) for out in outputs for line in out.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["ranks_in_sync"] is True and summaries[0]["step"] == 4
 
-    one_machine = subprocess.run(
-        [*torchrun_launcher(2), "-m", "tasks.train", "--params", str(params), "--set", "train.resume=never"],
+    one_machine = subprocess.run(  # its own checkpoints: it must not continue the two machines' run
+        [
+            *torchrun_launcher(2),
+            "-m",
+            "tasks.train",
+            "--params",
+            str(params),
+            "--set",
+            f"paths.checkpoints={tmp_path}/b",
+        ],
         capture_output=True,
         text=True,
         timeout=300,

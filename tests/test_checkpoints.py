@@ -1,0 +1,176 @@
+"""Checkpoints kept per recipe: a run reads and prunes only its own recipe's folder, resumes it whatever ran in
+between, never deletes another recipe's; `ddim checkpoints` lists them and deletes only what the user names."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import cli_env
+
+from tasks.checkpoint import list_checkpoints, recipe_folders, recipe_id
+from tasks.config import load_params
+from tasks.data import prepare_dataset
+from tasks.train import TrainingError, train, training_fingerprint
+
+DDIM = str(Path(sys.executable).with_name("ddim"))
+BIN = Path(sys.executable).parent
+
+PROJECT = {
+    "data": {"source": "shapes", "name": "s", "count": 32, "image_size": 16},
+    "model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0},
+    "train": {
+        "steps": 4,
+        "batch_size": 8,
+        "log_every": 2,
+        "sample_every": 0,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 3,
+        "num_workers": 0,
+        "deterministic": True,
+    },
+}
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch) -> Path:
+    """A micro project (its own MLflow store) with the dataset prepared; the current directory."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PROJECT))
+    monkeypatch.chdir(tmp_path)
+    params = load_params("params.yaml")
+    prepare_dataset(params.data, params.paths)
+    return tmp_path
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def ddim(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([DDIM, *args], capture_output=True, text=True, cwd=cwd, env=cli_env(), timeout=timeout)
+
+
+def summary_of(out: subprocess.CompletedProcess) -> dict:
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_recipe_is_the_global_batch_not_the_per_process_one(project):
+    params = load_params("params.yaml")
+    one_by_16 = training_fingerprint(load_params("params.yaml", ["train.batch_size=16"]), "sha", 1)
+    assert training_fingerprint(params, "sha", 2) == one_by_16  # 2 x 8 continues 1 x 16
+    assert training_fingerprint(load_params("params.yaml", ["train.batch_size=16"]), "sha", 2) != one_by_16
+    assert training_fingerprint(load_params("params.yaml", ["train.steps=9"]), "sha", 1) == training_fingerprint(
+        params, "sha", 1
+    )  # more steps: the same recipe
+
+
+def test_another_recipe_leaves_the_first_ones_checkpoints_and_it_resumes_them(project):
+    a = train(load_params("params.yaml"))
+    (a_dir,) = recipe_folders(project / "data" / "checkpoints")
+    a_files = files_of(a_dir)
+    assert {"ckpt-00000002.pt", "ckpt-00000004.pt", "recipe.json", "mlflow_run_id"} <= a_files.keys()
+
+    b = train(load_params("params.yaml", ["train.lambda_reg=0"]))
+    assert b["resumed_from"] == 0 and b["mlflow_run_id"] != a["mlflow_run_id"]
+    assert files_of(a_dir) == a_files, "recipe B touched none of A's files"
+    assert len(recipe_folders(project / "data" / "checkpoints")) == 2
+
+    again = train(load_params("params.yaml", ["train.steps=6"]))
+    assert again["resumed_from"] == 4 and again["mlflow_run_id"] == a["mlflow_run_id"]
+    assert [p.name for p in list_checkpoints(a_dir)] == ["ckpt-00000002.pt", "ckpt-00000004.pt", "ckpt-00000006.pt"]
+
+
+def test_the_flat_layout_of_earlier_versions_is_moved_into_its_recipe_folder_and_resumed(project):
+    train(load_params("params.yaml"))
+    root = project / "data" / "checkpoints"
+    (folder,) = recipe_folders(root)
+    for path in list_checkpoints(folder):  # as the earlier version wrote them: flat, batch_size per process
+        state = torch.load(path, weights_only=True)
+        recipe = dict(state["fingerprint"]["train"])
+        recipe["batch_size"] = recipe.pop("global_batch")
+        torch.save({**state, "fingerprint": {**state["fingerprint"], "train": recipe}}, root / path.name)
+    os.replace(folder / "mlflow_run_id", root / "mlflow_run_id")
+    run_id = (root / "mlflow_run_id").read_text().strip()
+    for path in folder.iterdir():
+        path.unlink()
+    folder.rmdir()
+    (root / "notes.txt").write_text("the user's")
+
+    resumed = train(load_params("params.yaml", ["train.steps=6"]))
+    assert resumed["resumed_from"] == 4 and resumed["mlflow_run_id"] == run_id
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted([folder.name, "notes.txt"])
+    assert [p.name for p in list_checkpoints(folder)] == ["ckpt-00000002.pt", "ckpt-00000004.pt", "ckpt-00000006.pt"]
+
+
+def test_resume_never_refuses_to_write_over_the_recipes_checkpoints(project):
+    train(load_params("params.yaml"))
+    (folder,) = recipe_folders(project / "data" / "checkpoints")
+    before = files_of(folder)
+    with pytest.raises(TrainingError, match=r"holds checkpoints of this recipe up to step 4: delete them first"):
+        train(load_params("params.yaml", ["train.resume=never"]))
+    assert files_of(folder) == before
+
+
+@pytest.mark.integration
+def test_recipe_a_then_b_then_a_through_the_cli_and_ddim_checkpoints(project):
+    """The issue's case: A, then B, then A again: A's checkpoints all still exist and A resumes its newest;
+    `ddim checkpoints` lists both in words and deletes only the one named."""
+    root = project / "data" / "checkpoints"
+    a = summary_of(ddim(project, "train"))
+    (a_dir,) = recipe_folders(root)
+    a_files = files_of(a_dir)
+    summary_of(ddim(project, "train", "--set", "train.lambda_reg=0"))
+    assert files_of(a_dir) == a_files
+    again = summary_of(ddim(project, "train", "--set", "train.steps=6"))
+    assert again["resumed_from"] == 4 and again["mlflow_run_id"] == a["mlflow_run_id"]
+
+    listing = ddim(project, "checkpoints")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split()[:4] == ["recipe", "data", "model", "differs"]
+    (b_dir,) = [f for f in recipe_folders(root) if f != a_dir]
+    a_row, b_row = (next(line for line in lines if line.startswith(f.name)) for f in (a_dir, b_dir))
+    assert "lambda_reg=0.1" in a_row and " 6 " in a_row and "ch32" in a_row
+    assert "lambda_reg=0.0" in b_row and " 4 " in b_row
+
+    missing = ddim(project, "checkpoints", "--delete", "0123456789ab")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().splitlines()[-1].startswith("ddim checkpoints: error: '0123456789ab' is no recipe")
+    b_id = recipe_id(json.loads((b_dir / "recipe.json").read_text())["fingerprint"])
+    deleted = ddim(project, "checkpoints", "--delete", b_id)
+    assert deleted.returncode == 0, deleted.stderr
+    assert recipe_folders(root) == [a_dir] and len(list_checkpoints(a_dir)) == 3
+
+    old = time.time() - 40 * 86400
+    for path in a_dir.iterdir():
+        os.utime(path, (old, old))
+    assert ddim(project, "checkpoints", "--delete-older-than", "not-a-date").returncode == 1
+    kept = ddim(project, "checkpoints", "--delete-older-than", time.strftime("%Y-%m-%d", time.localtime(old - 86400)))
+    assert kept.returncode == 0 and recipe_folders(root) == [a_dir]
+    gone = ddim(project, "checkpoints", "--delete-older-than", time.strftime("%Y-%m-%d"))
+    assert gone.returncode == 0 and "deleted" in gone.stdout and recipe_folders(root) == []
+
+
+@pytest.mark.integration
+def test_two_processes_of_half_the_batch_resume_one_and_double_the_batch_is_its_own_recipe(project):
+    """Resuming with another process count never changes the global batch in the middle of a run."""
+    train(load_params("params.yaml", ["train.batch_size=16"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "tasks.train", "--params"]
+
+    def torchrun(*sets: str) -> dict:
+        args = [a for s in sets for a in ("--set", s)]
+        out = subprocess.run([*launcher, "params.yaml", *args], capture_output=True, text=True, timeout=300, env=env)
+        return summary_of(out)
+
+    assert torchrun("train.batch_size=8", "train.steps=6")["resumed_from"] == 4
+    assert torchrun("train.batch_size=16", "train.steps=6")["resumed_from"] == 0  # global batch 32: a new recipe
+    assert len(recipe_folders(project / "data" / "checkpoints")) == 2
