@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -46,6 +47,12 @@ def _stage_parser(subparsers: argparse._SubParsersAction, name: str, help_text: 
     return _add_params_args(subparsers.add_parser(name, help=help_text, description=help_text))
 
 
+def _number(text: str) -> int | float:
+    from tasks.sweep import number
+
+    return number(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ddim", description="Train and evaluate DDIM diffusion models (DVC + Prefect + MLflow)."
@@ -76,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--force", action="store_true", help="rerun every cell")
     cell = _stage_parser(sub, "sweep-cell", "one cell of the sweep (a DVC stage of `ddim sweep`)")
     cell.add_argument("--steps", type=int, required=True, help="DDIM steps")
-    cell.add_argument("--eta", type=float, required=True, help="eta")
+    cell.add_argument("--eta", type=_number, required=True, help="eta")
     _stage_parser(sub, "sweep-table", "the sweep's table and FID-vs-NFE plot from its cells (a DVC stage)")
     _stage_parser(sub, "reconstruct", "encode images to DDIM latents and back: error per step count (latent section)")
     _stage_parser(sub, "interpolate", "decode slerp and lerp paths between DDIM latents into a grid (latent section)")
@@ -131,10 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _NoTracebackOnConsole(logging.Filter):
     """Prefect logs a failed flow's traceback; the CLI prints the one-line error itself instead (for the
-    errors it explains: the pipeline's own, and the operating system's, such as a full disk)."""
+    errors it explains: the pipeline's own, the operating system's, such as a full disk, and an API that
+    stopped answering)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError | OSError):
+        if record.exc_info and (
+            isinstance(record.exc_info[1], UserError | OSError) or prefect_api_lost(record.exc_info[1])
+        ):
             record.exc_info, record.exc_text = None, None
         return True
 
@@ -153,8 +163,46 @@ def run_stage(args: argparse.Namespace) -> int:
         _quiet_user_error_tracebacks()
     flow = getattr(flows, f"{args.command.replace('-', '_')}_flow")
     extra = {k: getattr(args, k) for k in ("steps", "eta", "force") if hasattr(args, k)}
-    print(json.dumps(flow(params_file=args.params, overrides=args.overrides, **extra)))
+    try:
+        result = flow(params_file=args.params, overrides=args.overrides, **extra)
+    except Exception as e:
+        result = _outputs_despite_prefect(e, flows.FINISHED)
+    print(json.dumps(result))
     return 0
+
+
+def prefect_api_lost(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what caused it) is the Prefect API not answering: no connection, a timeout, a 5xx."""
+    import httpx
+
+    while error is not None:
+        if isinstance(error, httpx.TransportError):
+            return True
+        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code >= 500:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _outputs_despite_prefect(error: Exception, finished: dict) -> dict:
+    """The stage's result when only Prefect failed, after the stage's outputs were complete (a warning says
+    what Prefect lacks); else the error: the pipeline's own, or one line for an API that does not answer."""
+    cause: BaseException | None = error
+    while cause is not None:  # the stage's own error first, whatever failed after it
+        if isinstance(cause, UserError):
+            raise cause
+        cause = cause.__cause__ or cause.__context__
+    if not prefect_api_lost(error):
+        raise error
+    url = os.environ.get("PREFECT_API_URL", "Prefect's API")
+    if "result" not in finished:
+        raise UserError(f"the Prefect API at {url} does not answer: start it again (make ui), or unset PREFECT_API_URL")
+    warnings.warn(
+        f"the Prefect API at {url} stopped answering: this flow run's end, its artifacts and its last logs are not "
+        "recorded in Prefect; the stage's outputs are complete",
+        stacklevel=2,
+    )
+    return finished["result"]
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -405,7 +453,13 @@ def _end(args: argparse.Namespace, status: int, message: str) -> int:
     return status
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the user reads it: ``warning: <message>`` (not the file and line that raised it)."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -415,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The project's own Prefect home (as `make ui` uses): its runs, not every project's, in its database.
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+    # Prefect's client retries a call to an API that stopped answering 5 times (about a minute): 2 (seconds).
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
     runs_a_flow = args.command in STAGES or (args.command == "evaluate" and not args.paths)
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if runs_a_flow else None
     try:

@@ -4,14 +4,22 @@ A flow takes the params file and ``--set`` style overrides as its parameters, so
 can change any param the way the CLI does. Tasks that write files opt out of Prefect's result cache
 (``NO_CACHE``): DVC decides what is up to date. Each stage's flow holds an exclusive lock on its output while
 it runs (``tasks.files.exclusive``): a second run on the same output stops at once, naming the first.
+
+A Prefect API that stops answering during a stage does not stop the work: the training progress is sent from
+a background thread (:class:`ProgressArtifact`), and each stage's task hands its result to :data:`FINISHED`
+as soon as its outputs are complete, where the CLI finds it when Prefect fails afterwards (the task's end
+state, the artifacts) and ends the command with a warning and exit status 0.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +54,58 @@ class PipelineError(UserError):
     """A pipeline command failed."""
 
 
+FINISHED: dict[str, Any] = {}  # "result": the result of the stage whose outputs are complete (one per command)
+
+
+def stage_task(name: str) -> Callable[[Callable[..., Any]], Any]:
+    """``@task(name=name)`` without Prefect's result cache (DVC decides what is up to date), whose return value is
+    also kept in :data:`FINISHED`: the stage's outputs are complete, whatever Prefect can still record."""
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def remembered(*args: Any, **kwargs: Any) -> Any:
+            FINISHED["result"] = result = fn(*args, **kwargs)
+            return result
+
+        return task(name=name, cache_policy=NO_CACHE)(remembered)
+
+    return decorate
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact updated by a background thread with the newest value only: an API that stops
+    answering (each call then waits out the client's retries) never holds up the caller."""
+
+    def __init__(self, key: str, description: str) -> None:
+        self.id = create_progress_artifact(0.0, key=key, description=description)
+        self.newest: float | None = None
+        self.changed, self.closed, self.failures = threading.Condition(), False, 0
+        threading.Thread(target=self._send, name=f"progress-{key}", daemon=True).start()
+
+    def update(self, percent: float) -> None:
+        with self.changed:
+            self.newest = percent
+            self.changed.notify()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify()
+
+    def _send(self) -> None:
+        while True:
+            with self.changed:
+                while self.newest is None and not self.closed:
+                    self.changed.wait()
+                if self.closed:
+                    return
+                percent, self.newest = self.newest, None
+            try:
+                update_progress_artifact(self.id, percent)
+            except Exception:  # the API is away: this value is dropped, the next one is tried
+                self.failures += 1
+
+
 def run_name() -> str:
     """A flow run's name in the Prefect UI: the flow, the dataset, and the values its parameters set, e.g.
     ``sample-shapes16 sample.steps=20`` or ``sweep-cell-cifar10 steps=50 eta=0.0``."""
@@ -77,7 +137,7 @@ def download_task(url: str, dest: Path, md5: str = CIFAR10_MD5) -> Path:
     return download(url, dest, md5)
 
 
-@task(name="prepare-dataset", cache_policy=NO_CACHE)
+@stage_task("prepare-dataset")
 def prepare_task(data: DataConfig, paths: Any, archive: Path | None) -> dict[str, Any]:
     return prepare_dataset(data, paths, archive=archive)
 
@@ -149,18 +209,17 @@ def run_ranks(module: str, params_file: str, overrides: list[str], launcher: lis
     return json.loads(last_line) if last_line.startswith("{") else {}
 
 
-@task(name="train-model", cache_policy=NO_CACHE)
+@stage_task("train-model")
 def train_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     if params.train.nproc_per_node > 1 or params.train.nnodes > 1:  # one rank per process under torchrun
         launcher = torchrun_launcher(params.train.nproc_per_node, params.train)
         return run_ranks("tasks.train", params_file, overrides, launcher)
-    progress_id = create_progress_artifact(0.0, key="training-progress", description="training steps done (%)")
-
-    def report(step: int, total: int, _metrics: dict[str, float]) -> None:
-        update_progress_artifact(progress_id, 100.0 * step / total)
-
-    return train(params, progress=report)
+    progress = ProgressArtifact("training-progress", "training steps done (%)")
+    try:
+        return train(params, progress=lambda step, total, _metrics: progress.update(100.0 * step / total))
+    finally:
+        progress.close()
 
 
 @flow(
@@ -178,7 +237,7 @@ def train_flow(params_file: str = "params.yaml", overrides: list[str] | None = N
     return summary
 
 
-@task(name="sample-images", cache_policy=NO_CACHE)
+@stage_task("sample-images")
 def sample_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     if params.sample.nproc_per_node > 1:
@@ -198,7 +257,7 @@ def sample_flow(params_file: str = "params.yaml", overrides: list[str] | None = 
     return stats
 
 
-@task(name="reference-statistics", cache_policy=NO_CACHE)
+@stage_task("reference-statistics")
 def reference_task(params: Params) -> dict[str, Any]:
     return compute_reference(params)
 
@@ -212,7 +271,7 @@ def reference_flow(params_file: str = "params.yaml", overrides: list[str] | None
     return result
 
 
-@task(name="fid", cache_policy=NO_CACHE)
+@stage_task("fid")
 def evaluate_task(params: Params) -> dict[str, Any]:
     return evaluate_samples(params)
 
@@ -231,8 +290,8 @@ def evaluate_flow(params_file: str = "params.yaml", overrides: list[str] | None 
     return metrics
 
 
-@task(name="sweep-cell", cache_policy=NO_CACHE)
-def sweep_cell_task(params_file: str, overrides: list[str], steps: int, eta: float) -> dict[str, Any]:
+@stage_task("sweep-cell")
+def sweep_cell_task(params_file: str, overrides: list[str], steps: int, eta: int | float) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     if params.sweep.nproc_per_node > 1:
         cell_args = ["--steps", str(steps), "--eta", str(eta)]
@@ -248,7 +307,7 @@ def sweep_cell_task(params_file: str, overrides: list[str], steps: int, eta: flo
     flow_run_name=run_name,
 )
 def sweep_cell_flow(
-    params_file: str = "params.yaml", overrides: list[str] | None = None, steps: int = 100, eta: float = 0.0
+    params_file: str = "params.yaml", overrides: list[str] | None = None, steps: int = 100, eta: int | float = 0.0
 ) -> dict[str, Any]:
     output = Path(load_params(params_file, overrides).paths.sweep) / f"cell-{cell_name(steps, eta)}"
     with exclusive(output, "`ddim sweep-cell`"):
@@ -270,7 +329,7 @@ def _publish_sweep_table(cells: list[dict[str, Any]]) -> None:
 def sweep_table_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     params = load_params(params_file, overrides)
     with exclusive(Path(params.paths.sweep) / "table", "`ddim sweep-table`"):
-        result = write_table(params)
+        FINISHED["result"] = result = write_table(params)
     _publish_sweep_table(result["cells"])
     return result
 
@@ -288,7 +347,7 @@ def sweep_flow(force: bool = False, overrides: list[str] | None = None, params_f
     return {"table": str(Path(params.paths.sweep) / "table.md"), "cells": len(cells)}
 
 
-@task(name="reconstruct-images", cache_policy=NO_CACHE)
+@stage_task("reconstruct-images")
 def reconstruct_task(params: Params) -> dict[str, Any]:
     return run_reconstruct(params)
 
@@ -306,7 +365,7 @@ def reconstruct_flow(params_file: str = "params.yaml", overrides: list[str] | No
     return result
 
 
-@task(name="interpolate-latents", cache_policy=NO_CACHE)
+@stage_task("interpolate-latents")
 def interpolate_task(params: Params) -> dict[str, Any]:
     return run_interpolate(params)
 

@@ -48,9 +48,10 @@ def runtime(default: Any, description: str, **constraints: Any) -> Any:
 
 
 class Section(BaseModel):
-    """A params.yaml section: unknown keys are errors, values are immutable once loaded."""
+    """A params.yaml section: unknown keys are errors, values are immutable once loaded, and no number is NaN or
+    infinite (``.inf`` in YAML would pass every ``ge`` bound)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @classmethod
     def result_keys(cls) -> list[str]:
@@ -238,7 +239,9 @@ class SweepConfig(Section):
     ``make demo``). Seed, clip_x0, precision and device are the sample section's."""
 
     steps: list[int] = Field([10, 20, 50, 100], min_length=1, description="DDIM steps, one cell per value and eta")
-    eta: list[float] = Field([0.0, 0.2, 0.5, 1.0], min_length=1, description="eta, one cell per value and steps")
+    # int | float keeps the literal as written (0 stays 0, 0.0 stays 0.0): DVC names a cell's output by the value
+    # as YAML wrote it (`eta0` for `0`), and so must the cell (tasks.sweep.cell_name).
+    eta: list[int | float] = Field([0.0, 0.2, 0.5, 1.0], min_length=1, description="eta, one cell per value and steps")
     spacing: Spacing = Field("quad", description="uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing")
     num_samples: int = Field(50_000, ge=2, description="images per cell, all of them scored (no floor division)")
     batch_size: int = runtime(500, "images per sampler call (DDIM's images do not depend on it)", ge=1)
@@ -296,6 +299,9 @@ class TrackingConfig(Section):
 
     uri: str | None = runtime(None, "MLflow tracking URI (null: sqlite:///<current dir>/mlflow.db)")
     experiment: str = runtime("ddim", "MLflow experiment name")
+    flush_timeout: float = runtime(
+        30.0, "seconds a stage waits at its end for a tracking server that stopped answering", ge=0, le=86_400
+    )
 
     @field_validator("uri")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,14 @@ class SweepError(UserError):
 
 
 def cell_name(steps: int, eta: float) -> str:
+    """``steps50-eta0.5``: as DVC names the cell's output in dvc.yaml (``steps${item.steps}-eta${item.eta}``,
+    which renders each value with ``str``), so an ``eta`` written ``0`` is ``eta0`` here too, not ``eta0.0``."""
     return f"steps{steps}-eta{eta}"
+
+
+def number(text: str) -> int | float:
+    """``--eta 0`` -> 0, ``--eta 0.5`` -> 0.5: the value as DVC wrote it into the command line, int or float."""
+    return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else float(text)
 
 
 def cell_path(params: Params, steps: int, eta: float) -> Path:
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def cell_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--steps", type=int, required=True)
-        parser.add_argument("--eta", type=float, required=True)
+        parser.add_argument("--eta", type=number, required=True)
 
     return rank_main("sweep-cell", lambda params, args: run_cell(params, args.steps, args.eta), argv, cell_arguments)
 

@@ -4,6 +4,13 @@ Layout in MLflow: one run per trained model (experiment ``tracking.experiment``,
 flattened params, stepped training metrics, sample grids and ``model.pt``; each sampling/evaluation config
 is a child run of it. Only rank 0 of a distributed job tracks anything (others get a :class:`NullTracker`).
 
+A tracking server that stops answering never stops or stalls a stage: a training run's logging goes through
+an :class:`Outbox`, one background thread that sends the calls in order and, while the server is away, keeps
+them and retries (the metrics are in ``train_metrics.csv`` all along), catching up when it answers again. At
+the end it waits up to ``tracking.flush_timeout`` seconds; what is still unsent is named in a
+:class:`TrackingWarning`, and the stage ends with its outputs complete. A server that is away when a run or a
+child run starts leaves that run unrecorded, with the same warning.
+
 The default store is ``sqlite:///<current dir>/mlflow.db`` with artifacts in ``<current dir>/mlartifacts``,
 absolute paths so that a stage run from another directory still finds them. ``tracking.uri`` in params.yaml,
 or else the ``MLFLOW_TRACKING_URI`` environment variable, points elsewhere (e.g. ``http://127.0.0.1:5000``).
@@ -11,10 +18,15 @@ or else the ``MLFLOW_TRACKING_URI`` environment variable, points elsewhere (e.g.
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
 import os
 import subprocess
+import threading
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,12 +59,25 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+class TrackingWarning(UserWarning):
+    """Something was not recorded in MLflow (its server did not answer); the stage went on."""
+
+
+# MLflow's HTTP client retries a call for minutes by default (7 retries, backoff factor 2, 120 s timeouts):
+# a stopped server would stall every logging call that long. The Outbox retries instead, in the background.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}  # fmt: skip
+
+
 def mlflow_client(uri: str) -> Any:
     """An ``MlflowClient`` for ``uri``. Its first use creates (migrates) a new sqlite database; two stages that
     start at once would both migrate it and one would die, so a local database is opened under a lock."""
     from mlflow.tracking import MlflowClient
 
     if not uri.startswith("sqlite:///"):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)  # the user's own settings win
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # a line per retry, else
         return MlflowClient(tracking_uri=uri)
     with exclusive(Path(uri.removeprefix("sqlite:///")), "MLflow database set-up", wait=True):
         return MlflowClient(tracking_uri=uri)  # creates the store, and with it the tables
@@ -111,6 +136,90 @@ def write_run_id(run_id: str, folder: Path) -> None:
         tmp.write_text(run_id + "\n")
 
 
+def server_answered(error: BaseException) -> bool:
+    """Whether an MLflow error is the server's answer (a refusal that a retry would repeat), rather than no
+    answer at all (refused connection, timeout, 5xx after retries, a locked database)."""
+    from mlflow.exceptions import RestException
+
+    return isinstance(error, RestException)
+
+
+def not_recorded(where: str, what: str, error: BaseException | None = None) -> None:
+    reason = f" ({error.__class__.__name__}: {str(error).splitlines()[0][:200]})" if error else ""
+    warnings.warn(f"MLflow at {where} did not answer{reason}: not recorded: {what}", TrackingWarning, stacklevel=3)
+
+
+class Outbox:
+    """Tracking calls sent in order by one background thread, so that the stage never waits for the server.
+
+    A call that does not reach the server is kept and retried (1 s, doubling to 30 s) until it goes through;
+    one the server refuses is dropped and named at the end. :meth:`close` waits up to ``timeout`` seconds for
+    the rest, then returns what was not recorded (the thread, a daemon, ends with the process)."""
+
+    def __init__(self, where: str) -> None:
+        self.where, self.outage, self.refused = where, False, []
+        self.calls: collections.deque[tuple[str, Callable[[], Any]]] = collections.deque()
+        self.wake, self.closing = threading.Condition(), False
+        self.thread = threading.Thread(target=self._send_all, name="mlflow-outbox", daemon=True)
+        self.thread.start()
+
+    def put(self, what: str, call: Callable[[], Any]) -> None:
+        with self.wake:
+            self.calls.append((what, call))
+            self.wake.notify()
+
+    def _send_all(self) -> None:
+        delay = 1.0
+        while True:
+            with self.wake:
+                while not self.calls and not self.closing:
+                    self.wake.wait()
+                if not self.calls:
+                    return
+                what, call = self.calls[0]
+            try:
+                call()
+            except Exception as e:
+                if server_answered(e):
+                    self.refused.append(f"{what} (refused: {str(e).splitlines()[0][:200]})")
+                else:
+                    if not self.outage:
+                        self.outage = True
+                        logging.getLogger(__name__).warning(
+                            "MLflow at %s does not answer (%s): training goes on, its logging is kept and sent "
+                            "when the server answers again", self.where, e.__class__.__name__,
+                        )  # fmt: skip
+                    with self.wake:
+                        self.wake.wait(timeout=min(delay, 2.0) if self.closing else delay)
+                    delay = min(2 * delay, 30.0)
+                    continue
+            with self.wake:
+                if self.calls and self.calls[0][1] is call:
+                    self.calls.popleft()
+            if self.outage and not self.calls:
+                self.outage = False
+                logging.getLogger(__name__).warning("MLflow at %s answers again: caught up", self.where)
+            delay = 1.0
+
+    def close(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` s for the calls still queued; what was not recorded, in words."""
+        with self.wake:
+            self.closing = True
+            self.wake.notify()
+        self.thread.join(timeout)
+        with self.wake:
+            unsent, _ = [what for what, _ in self.calls], self.calls.clear()
+        return self.refused + unsent
+
+
+def summarise(items: list[str]) -> str:
+    """``metrics at step 5``, ``metrics at step 10``, ... -> ``metrics at 2 steps (5 ... 10)``."""
+    steps = [int(w.rsplit(" ", 1)[1]) for w in items if w.startswith("metrics at step ")]
+    rest = [w for w in items if not w.startswith("metrics at step ")]
+    head = [f"metrics at {len(steps)} steps ({steps[0]} ... {steps[-1]}; they are in the CSV)"] if steps else []
+    return ", ".join(head + rest)
+
+
 class NullTracker:
     """What ranks other than 0 (and runs with tracking off) get: every call does nothing."""
 
@@ -119,15 +228,22 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: np.ndarray, artifact_file: str) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
-    def finish(self, status: str = "FINISHED") -> None: ...
+    def finish(self, status: str = "FINISHED", timeout: float = 0) -> None: ...
 
 
 class Tracker(NullTracker):
-    """One MLflow run, driven through an explicit client (no global "active run" state)."""
+    """One MLflow run, driven through an explicit client (no global "active run" state). With ``background``,
+    the logging calls go through an :class:`Outbox` (a training run); else each is made at once."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
-
+    def __init__(self, uri: str, run_id: str, background: bool = False) -> None:
         self.client, self.run_id, self.uri = mlflow_client(uri), run_id, uri
+        self.outbox = Outbox(uri) if background else None
+
+    def _send(self, what: str, call: Callable[[], Any]) -> None:
+        if self.outbox is None:
+            call()
+        else:
+            self.outbox.put(what, call)
 
     @classmethod
     def for_training(
@@ -138,7 +254,20 @@ class Tracker(NullTracker):
         run_id_dir: Path,
         run_name: str | None = None,
     ) -> Tracker:
-        """Continue the run whose id is stored in ``run_id_dir``, or start one and store its id there."""
+        """Continue the run whose id is stored in ``run_id_dir``, or start one and store its id there; its logging
+        then goes through an :class:`Outbox`. A server that does not answer now: a warning, and no tracking."""
+        try:
+            return cls._open_training_run(cfg, params, tags, run_id_dir, run_name)
+        except Exception as e:
+            if server_answered(e):
+                raise
+            not_recorded(tracking_uri(cfg), "this whole run (its metrics are in train_metrics.csv)", e)
+            return NullTracker()
+
+    @classmethod
+    def _open_training_run(
+        cls, cfg: TrackingConfig, params: dict[str, Any], tags: dict[str, str], run_id_dir: Path, run_name: str | None
+    ) -> Tracker:
         from mlflow.exceptions import MlflowException
 
         uri = tracking_uri(cfg)
@@ -148,14 +277,16 @@ class Tracker(NullTracker):
             try:
                 client.get_run(run_id)
                 client.update_run(run_id, status="RUNNING")
-            except MlflowException:
+            except MlflowException as e:
+                if not server_answered(e):
+                    raise
                 run_id = None  # the store was reset: start a new run
         if run_id is None:
             run_id = client.create_run(
                 _experiment_id(client, cfg.experiment, uri), tags=tags, run_name=run_name
             ).info.run_id
             write_run_id(run_id, run_id_dir)
-        tracker = cls(uri, run_id)
+        tracker = cls(uri, run_id, background=True)
         tracker.log_params(params)
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
@@ -178,16 +309,24 @@ class Tracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._send(f"metrics at step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        image = image.copy()  # sent later: the caller may reuse its array
+        call = functools.partial(self.client.log_image, self.run_id, image, artifact_file=artifact_file)
+        self._send(f"image {artifact_file}", call)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        where = str(path)
+        self._send(f"artifact {Path(path).name}", lambda: self.client.log_artifact(self.run_id, where, artifact_path))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
+        """End the run with ``status``; with an outbox, wait up to ``timeout`` s for what is queued, then warn
+        about what was not recorded."""
+        self._send(f"the run's end ({status})", lambda: self.client.set_terminated(self.run_id, status=status))
+        if self.outbox is not None and (missed := self.outbox.close(timeout)):
+            not_recorded(self.uri, f"{summarise(missed)} in run {self.run_id}")
 
 
 def log_child_run(
@@ -198,9 +337,28 @@ def log_child_run(
     metrics: dict[str, Any],
     artifacts: list[Path] = (),
     tags: dict[str, str] | None = None,
-) -> str:
+) -> str | None:
     """One finished run nested under the training run (or alone in the experiment if there is none): its
-    params, its numeric metrics, and ``artifacts`` (images show on the run page)."""
+    params, its numeric metrics, and ``artifacts`` (images show on the run page). Its id; None, with a
+    :class:`TrackingWarning`, if the server does not answer (the stage's own outputs are complete)."""
+    try:
+        return _log_child_run(cfg, parent_run_id, name, params, metrics, artifacts, tags)
+    except Exception as e:
+        if server_answered(e):
+            raise
+        not_recorded(tracking_uri(cfg), f"the run {name} ({', '.join(f'{k}={v}' for k, v in metrics.items())})", e)
+        return None
+
+
+def _log_child_run(
+    cfg: TrackingConfig,
+    parent_run_id: str | None,
+    name: str,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    artifacts: list[Path],
+    tags: dict[str, str] | None,
+) -> str:
     uri = tracking_uri(cfg)
     client = mlflow_client(uri)
     if parent_run_id is not None:
@@ -229,7 +387,7 @@ def log_evaluation(
     metrics: dict[str, Any],
     grid: Path | None,
     tags: dict[str, str] | None = None,
-) -> str:
+) -> str | None:
     """One finished child run of the training run: the sampling config, its FID and NFE, the sample grid."""
     s = metrics
     name = f"{s['sampler']}-{s['steps'] or 'adaptive'}steps-eta{s['eta']}" + (

@@ -480,7 +480,8 @@ class Bookkeeping:
         self.tracker = Tracker.for_training(
             params.tracking, params.model_dump(mode="json"), tags, ckpt_dir, run_name=training_run_name(params)
         )
-        write_run_id(self.tracker.run_id, out_dir)
+        if self.tracker.run_id is not None:  # None: the server did not answer (a warning said so)
+            write_run_id(self.tracker.run_id, out_dir)
         self.csv = MetricsCSV(out_dir / "train_metrics.csv", run.start_step)
 
     def record(self, step: int, stats: torch.Tensor) -> None:
@@ -572,7 +573,7 @@ class Bookkeeping:
         if self.csv is not None:
             self.csv.close()
         if status != "FINISHED" or finished:
-            self.tracker.finish(status)
+            self.tracker.finish(status, timeout=self.run.params.tracking.flush_timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -644,12 +645,13 @@ def import_pretrained(params: Params) -> dict[str, Any]:
     tags = {"stage": "train", "source": source, "source.sha256": imported.source["sha256"], "device": "cpu"}
     name = "import-" + source.rstrip("/").rsplit("/", 1)[-1]  # hub id, URL, folder or file: its last part
     tracker = Tracker.for_training(params.tracking, params.model_dump(mode="json"), tags, ckpt_dir, run_name=name)
-    write_run_id(tracker.run_id, out_dir)
+    if tracker.run_id is not None:
+        write_run_id(tracker.run_id, out_dir)
     MetricsCSV(out_dir / "train_metrics.csv", 0).close()  # no training: an empty loss curve
     about = {"model": str(model_path), "model_sha256": file_hash(model_path), "mlflow_run_id": tracker.run_id}
     write_json({**about, "source": imported.source, "params": params.model_dump(mode="json")}, out_dir / RUN_FILE)
     tracker.log_artifact(model_path)
-    tracker.finish()
+    tracker.finish(timeout=params.tracking.flush_timeout)
     return {**about, "imported_from": source}
 
 

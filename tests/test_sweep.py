@@ -3,8 +3,10 @@ and FID from two processes as from one; the table, the plot and DDIM's Table 1 b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +155,32 @@ def test_two_processes_draw_the_same_images_and_get_the_same_fid_as_one(trained,
     stats = torchrun(2, "tasks.sample", "--params", str(params_file), *sets)
     assert stats["complete"] and stats["num_samples"] == 10 and stats["nfe_min"] == stats["nfe_max"] == 3
     np.testing.assert_array_equal(read_images(tmp_path / "2", 10), read_images(tmp_path / "1", 10))
+
+
+@pytest.mark.parametrize("literal", ["[0, 1]", "[0.0, 0.5, 1]", "[0.2, 1.0]"])
+def test_dvc_and_the_cells_name_a_cell_the_same_way_whatever_the_yaml_literal(tmp_path, literal):
+    """DVC renders ``${item.eta}`` as the value YAML wrote (``0`` -> ``eta0``); the cell, given ``--eta 0`` by
+    DVC's command line, and the table, reading params.yaml, must name the file the same."""
+    from dvc.repo import Repo
+
+    from tasks.sweep import cell_path, number
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "params.yaml").read_text()
+    head, sweep = text.split("\nsweep:\n", 1)
+    sweep = re.sub(r"(?m)^  eta: \[[^\]]*\]", f"  eta: {literal}", sweep, count=1)
+    text = f"{head}\nsweep:\n{sweep}"
+    assert f"  eta: {literal}" in text
+    (tmp_path / "params.yaml").write_text(text)
+    (tmp_path / "dvc.yaml").write_text((root / "dvc.yaml").read_text())
+    Repo.init(str(tmp_path), no_scm=True)
+    with contextlib.chdir(tmp_path):
+        params = load_params("params.yaml")
+        stages = [s for s in Repo(".").index.stages if s.name.startswith("sweep@")]
+        by_dvc = {str(s.outs[0].def_path) for s in stages}
+        etas = {s.cmd.split("--eta ")[1] for s in stages}
+        by_code = {str(cell_path(params, steps, number(eta))) for steps in params.sweep.steps for eta in etas}
+        from_params = {str(cell_path(params, s, e)) for s in params.sweep.steps for e in params.sweep.eta}
+    assert by_dvc == by_code == from_params
+    overridden = load_params(tmp_path / "params.yaml", ["sweep.eta=[0,0.5]"]).sweep.eta
+    assert overridden == [0, 0.5] and type(overridden[0]) is int

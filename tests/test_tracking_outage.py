@@ -1,0 +1,212 @@
+"""Training outlives its tracking servers: a real MLflow server and a real Prefect server, started on 127.0.0.1
+and killed by the test in the middle of `ddim train`. The stage keeps training, its metrics keep going to the
+CSV, MLflow catches up when its server answers again, and the stage ends with its outputs complete, a warning
+that names what was not recorded, and exit status 0."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import cli_env, free_port
+
+from tasks.config import TrackingConfig, load_params
+from tasks.data import prepare_dataset
+from tasks.tracking import NullTracker, Outbox, Tracker, TrackingWarning, log_child_run
+
+BIN = Path(sys.executable).parent
+PROJECT = {
+    "data": {"source": "shapes", "name": "s", "count": 32, "image_size": 16},
+    "model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.0},
+    "train": {"steps": 300, "batch_size": 8, "log_every": 5, "sample_every": 0, "checkpoint_every": 100,
+              "num_workers": 0},
+    "tracking": {"flush_timeout": 5},
+}  # fmt: skip
+
+
+class Server:
+    """A server process in a session of its own (killed as a group), answering at ``health``."""
+
+    def __init__(self, command: list[str], health: str, env: dict[str, str] | None = None) -> None:
+        self.command, self.health, self.env = command, health, env
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        self.process = subprocess.Popen(
+            self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.health, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"{self.command[0]} did not answer in {timeout} s")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch) -> Path:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PROJECT))
+    monkeypatch.chdir(tmp_path)
+    params = load_params("params.yaml")
+    prepare_dataset(params.data, params.paths)
+    return tmp_path
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    store = tmp_path / "server"
+    command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--backend-store-uri", f"sqlite:///{store}/mlflow.db", "--default-artifact-root", str(store / "art")]
+    server = Server(command, f"http://127.0.0.1:{port}/health")
+    server.uri = f"http://127.0.0.1:{port}"
+    server.start()
+    yield server
+    server.kill()
+
+
+def rows(project: Path) -> int:
+    path = project / "results" / "train" / "train_metrics.csv"
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        return len(list(csv.DictReader(f)))
+
+
+def wait_for_rows(project: Path, count: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while rows(project) < count:
+        assert process.poll() is None, "training ended early"
+        assert time.monotonic() < deadline, f"training stalled at {rows(project)} metric rows"
+        time.sleep(0.1)
+
+
+def ddim_train(project: Path, *sets: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    args = [a for s in sets for a in ("--set", s)]
+    return subprocess.Popen(
+        [str(BIN / "ddim"), "train", *args], cwd=project, env=env or cli_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+@pytest.mark.integration
+def test_training_outlives_its_mlflow_server_and_catches_up_when_it_returns(project, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"tracking.uri={mlflow_server.uri}"
+    proc = ddim_train(project, uri)
+    wait_for_rows(project, 10, proc)
+    mlflow_server.kill()
+    now = rows(project)
+    wait_for_rows(project, now + 10, proc, timeout=60)  # 50 more steps while the server is away: no stall
+    mlflow_server.start()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "answers again: caught up" in err
+    assert "not recorded" not in err
+    run_id = json.loads(out.strip().splitlines()[-1])["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(5, 301, 5))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert "model.pt" in {a.path for a in client.list_artifacts(run_id)}
+
+    # The same run continued to 450 steps, and this time the server does not come back.
+    proc = ddim_train(project, uri, "train.steps=450")
+    wait_for_rows(project, 65, proc)
+    mlflow_server.kill()
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - started < 120, "the stage waited for the server"
+    assert rows(project) == 90 and (project / "results" / "train" / "model.pt").is_file()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["step"] == 450 and summary["mlflow_run_id"] == run_id
+    (warning,) = [line for line in err.splitlines() if line.startswith("warning: MLflow at")]
+    assert f"{mlflow_server.uri} did not answer" in warning
+    assert "not recorded: metrics at" in warning and "... 450; they are in the CSV)" in warning
+    assert "artifact model.pt" in warning and "the run's end (FINISHED)" in warning and run_id in warning
+
+
+@pytest.mark.integration
+def test_training_outlives_its_prefect_server(project, tmp_path):
+    port = free_port()
+    env = {**cli_env(), "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect = Server(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        f"http://127.0.0.1:{port}/api/health",
+        env,
+    )
+    prefect.start()
+    try:
+        proc = ddim_train(project, "train.steps=300", env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
+        wait_for_rows(project, 10, proc)
+        prefect.kill()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        prefect.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert f"warning: the Prefect API at http://127.0.0.1:{port}/api stopped answering" in err
+    assert json.loads(out.strip().splitlines()[-1])["step"] == 300
+    assert rows(project) == 60 and (project / "results" / "train" / "model.pt").is_file()
+
+
+def test_the_outbox_sends_in_order_retries_what_got_no_answer_and_names_what_it_could_not_send():
+    from mlflow.exceptions import RestException
+
+    sent, failures = [], {"b": 2}
+
+    def call(name: str):
+        def send() -> None:
+            if failures.get(name, 0) > 0:
+                failures[name] -= 1
+                raise ConnectionError("no answer")
+            if name == "refused":
+                raise RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad value"})
+            sent.append(name)
+
+        return send
+
+    outbox = Outbox("http://nowhere")
+    for name in ("a", "b", "refused", "c"):
+        outbox.put(name, call(name))
+    assert outbox.close(timeout=30) == ["refused (refused: INVALID_PARAMETER_VALUE: bad value)"]
+    assert sent == ["a", "b", "c"]
+
+    stuck = Outbox("http://nowhere")
+    failures["d"] = 10**6
+    stuck.put("d", call("d"))
+    stuck.put("e", call("e"))
+    started = time.monotonic()
+    assert stuck.close(timeout=1) == ["d", "e"] and time.monotonic() - started < 5
+
+
+def test_a_server_that_does_not_answer_at_the_start_leaves_the_run_untracked_with_a_warning(tmp_path):
+    cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.warns(TrackingWarning, match=r"did not answer .*: not recorded: this whole run"):
+        tracker = Tracker.for_training(cfg, {"a": 1}, {}, tmp_path)
+    assert type(tracker) is NullTracker
+    with pytest.warns(TrackingWarning, match=r"not recorded: the run fid-10 \(fid=12.5\)"):
+        assert log_child_run(cfg, None, "fid-10", {}, {"fid": 12.5}) is None
+    assert time.monotonic() - started < 30
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NullTracker().finish("FINISHED")
