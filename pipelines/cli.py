@@ -138,15 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 class _NoTracebackOnConsole(logging.Filter):
     """Prefect logs a failed flow's traceback; the CLI prints the one-line error itself instead (for the
-    errors it explains: the pipeline's own, the operating system's, such as a full disk, and an API that
-    stopped answering)."""
+    errors it explains: the pipeline's own, the operating system's, such as a full disk, a device out of
+    memory, and an API that stopped answering)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and (
-            isinstance(record.exc_info[1], UserError | OSError) or prefect_api_lost(record.exc_info[1])
-        ):
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (isinstance(error, UserError | OSError) or prefect_api_lost(error) or _oom(error)):
             record.exc_info, record.exc_text = None, None
         return True
+
+
+def _oom(error: BaseException) -> bool:
+    from tasks.errors import out_of_memory
+
+    return out_of_memory("", error) is not None
 
 
 def _quiet_user_error_tracebacks() -> None:
@@ -489,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         return _end(args, 1, f"error: {describe_os_error(e)}")
     except Terminated:
         return _end(args, 143, "stopped by SIGTERM: rerun the same command to finish")
+    except Exception as e:  # a device out of memory is the user's to fix too; anything else is a bug: raise
+        from tasks.errors import out_of_memory
+
+        if (error := out_of_memory(args.command, e)) is None:
+            raise
+        return _end(args, 1, f"error: {error}")
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.config import Params, load_params
-from tasks.errors import UserError
+from tasks.errors import UserError, out_of_memory
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,11 @@ def rank_main(
     args = parser.parse_args(argv)
     try:
         result = run(load_params(args.params, args.overrides), args)
-    except UserError as e:
-        print(f"ddim {stage}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        error = e if isinstance(e, UserError) else out_of_memory(stage, e)
+        if error is None:
+            raise
+        print(f"ddim {stage}: error: {error}", file=sys.stderr)
         return 1
     if Ranks.from_env().is_main:
         print(json.dumps(result))

@@ -6,3 +6,33 @@ class UserError(Exception):
     same call may succeed if tried again (a network hiccup), as opposed to failing the same way (a checksum)."""
 
     retryable: bool = False
+
+
+# The param that sets how many images one call of each stage puts on the device.
+BATCH_KEYS = {
+    "train": "train.batch_size",
+    "sample": "sample.batch_size",
+    "sweep": "sweep.batch_size",
+    "sweep-cell": "sweep.batch_size",
+    "reference": "evaluate.batch_size",
+    "evaluate": "evaluate.batch_size",
+    "reconstruct": "latent.batch_size",
+    "interpolate": "latent.batch_size",
+}
+
+
+def out_of_memory(stage: str, error: BaseException) -> UserError | None:
+    """The one-line error for a device that ran out of memory in ``stage`` (CUDA's ``OutOfMemoryError``, or
+    another backend's "out of memory" RuntimeError), naming the batch size to lower; None for any other error."""
+    import torch
+
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not isinstance(error, torch.OutOfMemoryError) and not (
+        isinstance(error, RuntimeError) and "out of memory" in text.lower()
+    ):
+        return None
+    key = BATCH_KEYS.get(stage, "the stage's batch_size")
+    fix = f"lower {key} (--set {key}=N)" if key in BATCH_KEYS.values() else f"lower {key}"
+    if stage == "train":
+        fix += ", or keep the global batch with more processes (train.nproc_per_node) of a smaller batch_size"
+    return UserError(f"the device ran out of memory ({text[:160]}): {fix}")

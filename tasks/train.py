@@ -499,12 +499,13 @@ class Bookkeeping:
         cfg, run = self.run.cfg, self.run
         at_log = step % cfg.log_every == 0 or step == self.end
         at_checkpoint = step % cfg.checkpoint_every == 0 or step == self.end
-        if not (at_log or at_checkpoint or (stop_asked and not run.dist.distributed)):
+        at_grid = bool(cfg.sample_every) and step % cfg.sample_every == 0 and step < cfg.steps  # the last: export
+        if not (at_log or at_checkpoint or at_grid or (stop_asked and not run.dist.distributed)):
             return
         stop = self._agree(stop_asked)
         if at_log:
             self._log(step)
-        if run.dist.is_main and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps:
+        if run.dist.is_main and at_grid:
             self.tracker.log_image(sample_grid(run), f"samples/step_{step:08d}.png")
         if at_checkpoint or stop:
             self._checkpoint(step)

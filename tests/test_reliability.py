@@ -331,3 +331,60 @@ def test_screenshots_of_ui_servers_that_are_not_running_are_one_line_and_no_file
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.match(rf"ddim screenshots: error: nothing answers at {dead}/api/health .*: start the UIs with", last)
     assert not (tmp_path / "docs").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A device out of memory: one line that names the batch size to lower
+# ---------------------------------------------------------------------------------------------------------
+
+CUDA_OOM = "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB"
+
+
+def _raise(error: BaseException):
+    def allocate(*args, **kwargs):
+        raise error
+
+    return allocate
+
+
+def test_out_of_memory_in_training_names_train_batch_size(copy, monkeypatch, capsys):
+    """As one rank under torchrun runs it (the CLI's flow ends in the same handler); the U-Net's forward pass
+    stands in for the allocator, which raises this on a GPU."""
+    from models.unet import UNet
+    from tasks import train as train_stage
+
+    monkeypatch.chdir(copy)
+    monkeypatch.setattr(UNet, "forward", _raise(torch.OutOfMemoryError(CUDA_OOM)))
+    assert train_stage.main(["--params", "params.yaml", "--set", "train.steps=4"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"ddim train: error: the device ran out of memory ({CUDA_OOM}): lower train.batch_size")
+    assert "(--set train.batch_size=N)" in last and "train.nproc_per_node" in last
+
+
+def test_out_of_memory_in_sampling_and_in_ddim_evaluate(copy, monkeypatch, capsys):
+    from models.unet import UNet
+    from pipelines import cli
+    from tasks import fid
+    from tasks import sample as sample_stage
+
+    monkeypatch.chdir(copy)
+    monkeypatch.setattr(UNet, "forward", _raise(RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)")))
+    assert sample_stage.main(["--params", "params.yaml", "--set", "paths.samples=results/s2"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("ddim sample: error: the device ran out of memory (MPS backend out of memory")
+    assert last.endswith("lower sample.batch_size (--set sample.batch_size=N)")
+
+    monkeypatch.setattr(fid, "fid_between", _raise(torch.OutOfMemoryError(CUDA_OOM)))
+    assert cli.main(["evaluate", "results/samples/images", "results/samples/images"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last == f"ddim evaluate: error: the device ran out of memory ({CUDA_OOM}): lower evaluate.batch_size "
+        "(--set evaluate.batch_size=N)"
+    )
+
+
+def test_a_runtime_error_that_is_not_out_of_memory_stays_a_bug():
+    from tasks.errors import out_of_memory
+
+    assert out_of_memory("train", RuntimeError("shape mismatch")) is None
+    assert out_of_memory("train", ValueError("out of memory")) is None

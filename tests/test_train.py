@@ -476,3 +476,10 @@ def test_two_machines_meet_at_a_rendezvous_and_train_as_two_ranks(tmp_path, mlfl
     )
     assert one_machine.returncode == 0, one_machine.stderr[-2000:]
     assert json.loads(one_machine.stdout.splitlines()[-1])["weights_sha256"] == summaries[0]["weights_sha256"]
+
+
+def test_sample_grids_come_at_their_own_steps_whatever_the_log_and_checkpoint_cadence(tmp_path, mlflow_uri):
+    params = load_params(setup_run(tmp_path, mlflow_uri, steps=9, log_every=5, checkpoint_every=10, sample_every=3))
+    summary = train(params)
+    grids = {a.path for a in MlflowClient(tracking_uri=mlflow_uri).list_artifacts(summary["mlflow_run_id"], "samples")}
+    assert grids == {f"samples/step_{s:08d}.png" for s in (3, 6, 9)}  # 3 and 6 were skipped before
