@@ -454,7 +454,7 @@ def _end(args: argparse.Namespace, status: int, message: str) -> int:
     drain_reports()
     if args.debug and status == 1:
         traceback.print_exc()
-    print(f"ddim {args.command}: {message}", file=sys.stderr)
+    print(f"ddim {args.command}: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever it quotes
     return status
 
 

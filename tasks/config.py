@@ -350,13 +350,31 @@ class Params(Section):
 # ---------------------------------------------------------------------------------------------------------
 
 
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few kB; this one is 9
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without aliases: a params file never needs them, and nested ones (a "billion laughs"
+    file of a few hundred bytes) expand to gigabytes when validated and quoted in the error."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed: write the value out", mark)
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ParamsLoader)
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``"data.count=500"`` -> ``(["data", "count"], 500)``; the value is parsed as YAML."""
     key, sep, raw = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set data.count=500")
     try:
-        value = yaml.safe_load(raw) if raw else None
+        value = safe_yaml(raw) if raw else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.__class__.__name__})") from None
     return key.split("."), value
@@ -377,16 +395,20 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def _describe(error: ValidationError) -> str:
+def _describe(error: ValidationError, most: int = 8) -> str:
     parts = []
-    for e in error.errors():
+    errors = error.errors()
+    for e in errors[:most]:
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against params.yaml)"
         elif "input" in e and e["type"] not in ("missing", "value_error"):
-            msg = f"{msg}, got {e['input']!r}"
+            shown = repr(e["input"])
+            msg = f"{msg}, got {shown if len(shown) <= 80 else shown[:77] + '...'}"
         parts.append(f"{loc}: {msg}" if loc else msg)
+    if len(errors) > most:
+        parts.append(f"and {len(errors) - most} more")
     return "; ".join(parts)
 
 
@@ -399,8 +421,11 @@ def validate_params(raw: dict[str, Any], source: str = "params") -> Params:
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (an empty file is an empty mapping)."""
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path} is {size:,} bytes, over {MAX_PARAMS_BYTES:,}: a params file is a few kB")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = safe_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError as e:

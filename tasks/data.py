@@ -99,6 +99,12 @@ class ArrayWriter:
 
     def __init__(self, path: Path, capacity: int, size: int) -> None:
         self.path, self.count = path, 0
+        needed, free = capacity * size * size * 3, shutil.disk_usage(path.parent).free
+        if needed > free:  # a sparse file of that size may not even be possible (EINVAL), let alone fill
+            raise DataError(
+                f"{capacity:,} images of {size}x{size} take {needed / 1e9:,.1f} GB, more than the "
+                f"{free / 1e9:,.1f} GB free in {path.parent.parent}: lower data.count, or free some space"
+            )
         self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(capacity, size, size, 3))
 
     def append(self, image: np.ndarray) -> None:

@@ -93,7 +93,7 @@ def rank_main(
         error = e if isinstance(e, UserError) else out_of_memory(stage, e)
         if error is None:
             raise
-        print(f"ddim {stage}: error: {error}", file=sys.stderr)
+        print(f"ddim {stage}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     if Ranks.from_env().is_main:
         print(json.dumps(result))

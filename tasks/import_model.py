@@ -133,7 +133,13 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file, or one with objects weights_only refuses
-        raise ModelImportError(f"{path} is not a readable checkpoint ({e.__class__.__name__}: {e})") from None
+        text = str(e).strip()
+        why = (
+            "it holds Python objects besides tensors, which are never loaded: they could run code"
+            if "Weights only load failed" in text
+            else f"{e.__class__.__name__}: {text.splitlines()[0][:200] if text else ''}"
+        )
+        raise ModelImportError(f"{path} is not a readable checkpoint ({why})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.config import TrackingConfig
+from tasks.errors import UserError
 from tasks.files import atomic_path, exclusive
 
 if TYPE_CHECKING:
@@ -146,7 +147,7 @@ def server_answered(error: BaseException) -> bool:
 
 def not_recorded(where: str, what: str, error: BaseException | None = None) -> None:
     reason = f" ({error.__class__.__name__}: {str(error).splitlines()[0][:200]})" if error else ""
-    warnings.warn(f"MLflow at {where} did not answer{reason}: not recorded: {what}", TrackingWarning, stacklevel=3)
+    warnings.warn(f"MLflow at {where} is unavailable{reason}: not recorded: {what}", TrackingWarning, stacklevel=3)
 
 
 class Outbox:
@@ -424,11 +425,20 @@ def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
     """
     import pandas as pd
 
-    client = mlflow_client(tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.experiment)
+    uri = tracking_uri(cfg)
+    try:
+        client = mlflow_client(uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        runs = [] if experiment is None else client.search_runs([experiment.experiment_id], max_results=10_000)
+    except Exception as e:  # a damaged database, a server that does not answer
+        if server_answered(e):
+            raise
+        reason = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0][:160]}"
+        raise UserError(
+            f"the MLflow store {uri} cannot be read ({reason}): repair or move it, or point tracking.uri elsewhere"
+        ) from None
     if experiment is None:
         return pd.DataFrame()
-    runs = client.search_runs([experiment.experiment_id], max_results=10_000)
     parents = [r for r in runs if r.data.tags.get("stage") == "train"]
     children = sorted(
         (r for r in runs if r.data.tags.get("stage") == "evaluate"), key=lambda r: r.info.start_time, reverse=True

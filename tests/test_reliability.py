@@ -2,20 +2,34 @@
 on stderr, no traceback, and nothing changed but the stage's own lock file. The cases, by class:
 
 - params and flags: not UTF-8, a value out of range, an unknown tracking URI scheme, an invalid cron, --debug;
+  NaN and infinity, a dataset larger than the disk;
+- hostile YAML: an alias bomb ("billion laughs"), a python/object tag (runs nothing), a file of megabytes, a
+  bad value of hundreds of elements (quoted short);
 - foreign or damaged files: metrics.json, manifest.json, images.npy, model.pt, the reference .npz, the samples'
-  record, a non-image named .png, two .npz given to `ddim evaluate`;
+  record, a non-image named .png, two .npz given to `ddim evaluate`, a damaged MLflow database (`ddim runs`:
+  one line; training: completes, with a warning);
+- files that would run code when loaded: model.pt (to sample and to import-model) and checkpoints (never
+  loaded but as weights);
+- names and paths that climb out: `ddim checkpoints --delete` of `..`, `/`, a file, a data name;
 - hostile inputs, bounded: a device as data.path, a zip member or an image over the caps (refused, or skipped
-  with data.on_bad_image: skip), a download whose MD5 is wrong (final: one request, no retries);
-- concurrency: a second run on an output that a first one holds, several stages creating one MLflow database;
+  with data.on_bad_image: skip), a FIFO, a link to /dev/zero, a dangling link and a looping link in an image
+  folder (skipped), a download whose MD5 is wrong (final: one request, no retries);
+- concurrency: a second run on an output that a first one holds, several stages creating one MLflow database,
+  deleting a recipe that a run is training;
+- faults: a device out of memory (one line naming the batch size), a kill in the middle of `ddim prepare`
+  and a rerun (the same dataset as an uninterrupted run);
 - the operating system: a full disk.
 
 (The stages' refusals to delete are tested beside each stage: a foreign samples folder, a folder that is not a
-prepared dataset; SIGTERM and SIGKILL of a stage, and NaN weights and statistics, in test_sample_evaluate.)"""
+prepared dataset; SIGTERM and SIGKILL of a stage, and NaN weights and statistics, in test_sample_evaluate;
+SIGKILL of training in test_train; checkpoints of other recipes in test_checkpoints; tracking servers that stop
+answering in test_tracking_outage.)"""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -388,3 +402,147 @@ def test_a_runtime_error_that_is_not_out_of_memory_stays_a_bug():
 
     assert out_of_memory("train", RuntimeError("shape mismatch")) is None
     assert out_of_memory("train", ValueError("out of memory")) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile params, files that would run code, names that climb out, special files, a damaged tracking store
+# ---------------------------------------------------------------------------------------------------------
+
+BILLION_LAUGHS = "sweep:\n  eta: [[&a [0,0,0,0,0,0,0,0,0,0]]" + "".join(
+    f", [&{b} [{', '.join([f'*{a}'] * 10)}]]" for a, b in zip("abcdefg", "bcdefgh", strict=True)
+) + "]\n"  # fmt: skip
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(project):
+    """~300 bytes that expand to 10^8 values: it took 21 s and printed a 716 MB error line before."""
+    (project / "params.yaml").write_text(BILLION_LAUGHS)
+    start = time.monotonic()
+    assert (
+        fail(project, "report") == "params.yaml: not valid YAML (aliases (*name) are not allowed: write the value out)"
+    )
+    assert time.monotonic() - start < 30
+
+
+def test_a_python_tag_runs_nothing(project):
+    marker = project / "pwned"
+    (project / "params.yaml").write_text(f'data: !!python/object/apply:os.system ["touch {marker}"]\n')
+    assert "not valid YAML (could not determine a constructor for the tag" in fail(project, "report")
+    assert not marker.exists()
+
+
+def test_a_huge_params_file_and_a_long_bad_value(project):
+    (project / "params.yaml").write_bytes(b"#" * 2_000_000)
+    assert fail(project, "report") == "params.yaml is 2,000,000 bytes, over 1,048,576: a params file is a few kB"
+    (project / "params.yaml").write_text(f"sweep:\n  eta: [{list(range(500))}]\n")
+    message = fail(project, "report")
+    assert "got [0, 1, 2, 3" in message and "..." in message and len(message) < 600
+
+
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf"])
+def test_non_finite_params(project, value):
+    assert "sweep.eta.0" in fail(project, "report", "--set", f"sweep.eta=[{value}]")
+    assert "train.lr: Input should be a finite number" in fail(project, "report", "--set", f"train.lr={value}")
+
+
+def test_a_dataset_larger_than_the_disk(project):
+    sets = ["--set", "data.source=shapes", "--set", "data.count=1000000000000", "--set", "data.image_size=16"]
+    message = fail(project, "prepare", *sets)
+    assert message.startswith("1,000,000,000,000 images of 16x16 take 768,000.0 GB, more than the")
+    assert message.endswith("lower data.count, or free some space")
+
+
+def _code_running_pickle(path: Path, marker: Path) -> None:
+    """A file that torch.load without weights_only would run: it touches ``marker``."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path.write_bytes(pickle.dumps({"model_config": Payload(), "ema": {}}))
+
+
+@pytest.mark.integration
+def test_model_and_checkpoint_files_that_would_run_code_run_nothing(copy):
+    marker = copy / "pwned"
+    _code_running_pickle(copy / "results" / "train" / "model.pt", marker)
+    assert "is not a readable model file" in fail(copy, "sample", "--set", "paths.samples=results/s2")
+    message = fail(copy, "import-model", "results/train/model.pt", "--out", "m.pt")
+    assert message.endswith("is not a readable checkpoint (it holds Python objects besides tensors, which are never "
+                            "loaded: they could run code)")  # fmt: skip
+    (recipe,) = [p for p in (copy / "data" / "checkpoints").iterdir() if p.is_dir()]
+    for path in recipe.glob("ckpt-*.pt"):
+        _code_running_pickle(path, marker)
+    (recipe / "recipe.json").unlink()
+    listed = ddim(copy, "checkpoints")  # reads the newest checkpoint for its recipe: weights only
+    assert listed.returncode == 0 and recipe.name in listed.stdout
+    trained = ddim(copy, "train", *TRAIN_ELSEWHERE[:2], "--set", f"paths.checkpoints={recipe.parent}")
+    assert trained.returncode == 0, trained.stderr  # it starts over beside them, with a warning, never loading them
+    assert "ignoring unreadable checkpoint" in trained.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["..", "../..", "/", ".", "", "s", "ckpt-00000002.pt"])
+def test_ddim_checkpoints_deletes_nothing_it_cannot_name(copy, name):
+    assert "is no recipe in data/checkpoints" in fail(copy, "checkpoints", "--delete", name)
+
+
+@pytest.mark.integration
+def test_special_files_and_links_in_an_image_folder_are_skipped(copy):
+    """A FIFO (would block a read forever), a link to /dev/zero (endless), a dangling link and a link that loops
+    back to the folder: only the regular images, and a link to one outside, are read."""
+    images = copy / "imgs"
+    (images / "sub").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(images / f"{i}.png")
+    Image.new("RGB", (16, 16), "blue").save(copy / "outside.png")
+    os.mkfifo(images / "fifo.png")
+    (images / "zero.png").symlink_to("/dev/zero")
+    (images / "dangling.png").symlink_to(copy / "missing.png")
+    (images / "out.png").symlink_to(copy / "outside.png")
+    (images / "sub" / "loop").symlink_to("..")
+    sets = ["--set", "data.source=folder", "--set", "data.path=imgs", "--set", "data.name=f"]
+    out = ddim(copy, "prepare", *sets, timeout=120)
+    assert out.returncode == 0, out.stderr
+    manifest = json.loads((copy / "data" / "prepared" / "f" / "manifest.json").read_text())
+    assert manifest["count"] == 4 and manifest["skipped"] == 0
+
+
+@pytest.mark.integration
+def test_a_damaged_tracking_store(copy):
+    """`ddim runs` cannot show what it cannot read: one line. Training records its metrics in the CSV and
+    ends complete, with a warning that MLflow recorded nothing of the run."""
+    (copy / "mlflow.db").write_bytes(os.urandom(20_000))
+    assert "the MLflow store sqlite:///" in fail(copy, "runs")
+    trained = ddim(copy, "train", *TRAIN_ELSEWHERE)
+    assert trained.returncode == 0, trained.stderr
+    assert "is unavailable (DatabaseError" in trained.stderr and "not recorded: this whole run" in trained.stderr
+    assert (copy / "results" / "t2" / "model.pt").is_file()
+
+
+@pytest.mark.integration
+def test_a_killed_prepare_then_a_rerun_makes_what_an_uninterrupted_run_makes(copy):
+    sets = ["--set", "data.count=3000", "--set", "data.name=k"]
+    proc = subprocess.Popen([DDIM, "prepare", *sets], cwd=copy, env=cli_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((copy / "data" / "prepared").glob(".k.tmp-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # part of the way through
+    proc.kill()
+    proc.wait()
+    assert not (copy / "data" / "prepared" / "k").exists(), "nothing half-written looks complete"
+    assert ddim(copy, "prepare", *sets).returncode == 0
+    killed = json.loads((copy / "data" / "prepared" / "k" / "manifest.json").read_text())
+    assert ddim(copy, "prepare", *sets[:2], "--set", "data.name=u").returncode == 0
+    uninterrupted = json.loads((copy / "data" / "prepared" / "u" / "manifest.json").read_text())
+    assert killed["sha256"] == uninterrupted["sha256"] and killed["count"] == 3000
+    assert not list((copy / "data" / "prepared").glob(".k.tmp-*"))
+
+
+@pytest.mark.integration
+def test_deleting_a_recipe_that_a_run_is_training(copy):
+    (recipe,) = [p for p in (copy / "data" / "checkpoints").iterdir() if p.is_dir()]
+    with exclusive(recipe, "`ddim train`"):
+        message = fail(copy, "checkpoints", "--delete", recipe.name)
+    assert message.startswith(f"data/checkpoints/{recipe.name} is being written by `ddim train` (PID {os.getpid()}")

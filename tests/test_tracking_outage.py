@@ -140,7 +140,7 @@ def test_training_outlives_its_mlflow_server_and_catches_up_when_it_returns(proj
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["step"] == 450 and summary["mlflow_run_id"] == run_id
     (warning,) = [line for line in err.splitlines() if line.startswith("warning: MLflow at")]
-    assert f"{mlflow_server.uri} did not answer" in warning
+    assert f"{mlflow_server.uri} is unavailable" in warning
     assert "not recorded: metrics at" in warning and "... 450; they are in the CSV)" in warning
     assert "artifact model.pt" in warning and "the run's end (FINISHED)" in warning and run_id in warning
 
@@ -201,7 +201,7 @@ def test_the_outbox_sends_in_order_retries_what_got_no_answer_and_names_what_it_
 def test_a_server_that_does_not_answer_at_the_start_leaves_the_run_untracked_with_a_warning(tmp_path):
     cfg = TrackingConfig(uri=f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
-    with pytest.warns(TrackingWarning, match=r"did not answer .*: not recorded: this whole run"):
+    with pytest.warns(TrackingWarning, match=r"is unavailable .*: not recorded: this whole run"):
         tracker = Tracker.for_training(cfg, {"a": 1}, {}, tmp_path)
     assert type(tracker) is NullTracker
     with pytest.warns(TrackingWarning, match=r"not recorded: the run fid-10 \(fid=12.5\)"):
