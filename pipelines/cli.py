@@ -168,6 +168,7 @@ def run_stage(args: argparse.Namespace) -> int:
         _quiet_user_error_tracebacks()
     flow = getattr(flows, f"{args.command.replace('-', '_')}_flow")
     extra = {k: getattr(args, k) for k in ("steps", "eta", "force") if hasattr(args, k)}
+    flows.FINISHED.clear()
     try:
         result = flow(params_file=args.params, overrides=args.overrides, **extra)
     except Exception as e:

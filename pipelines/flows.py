@@ -79,7 +79,7 @@ class ProgressArtifact:
     def __init__(self, key: str, description: str) -> None:
         self.id = create_progress_artifact(0.0, key=key, description=description)
         self.newest: float | None = None
-        self.changed, self.closed, self.failures = threading.Condition(), False, 0
+        self.changed, self.closed = threading.Condition(), False
         threading.Thread(target=self._send, name=f"progress-{key}", daemon=True).start()
 
     def update(self, percent: float) -> None:
@@ -97,13 +97,13 @@ class ProgressArtifact:
             with self.changed:
                 while self.newest is None and not self.closed:
                     self.changed.wait()
-                if self.closed:
+                if self.newest is None:  # closed, and the last value sent
                     return
                 percent, self.newest = self.newest, None
             try:
                 update_progress_artifact(self.id, percent)
             except Exception:  # the API is away: this value is dropped, the next one is tried
-                self.failures += 1
+                continue
 
 
 def run_name() -> str:

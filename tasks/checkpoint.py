@@ -138,7 +138,7 @@ def newest_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, An
             continue
         try:
             made_with = upgrade_fingerprint(state)
-        except (KeyError, TypeError, ValueError):
+        except Exception:  # not a dict, no fingerprint: not one of ours
             made_with = None
         if made_with != fingerprint:
             warnings.warn(f"ignoring {path}: it was made with another recipe than its folder's", stacklevel=2)
@@ -163,17 +163,23 @@ def _slug(name: str) -> str:
 
 
 def recipe_folders(root: Path) -> list[Path]:
-    """The recipe folders under ``root`` (those holding a ``recipe.json`` or named ``...-<12 hex digits>``)."""
+    """The recipe folders under ``root``: plain folders ``<name>-<id>`` whose ``recipe.json`` names that id
+    (a folder of the user's that merely looks like one is never listed, nor deleted by age)."""
     if not root.is_dir():
         return []
-    return sorted(
-        p
-        for p in root.iterdir()
-        if p.is_dir()
-        and not p.is_symlink()
-        and not p.name.startswith(".")
-        and (RECIPE_DIR_PATTERN.fullmatch(p.name) or (p / RECIPE_FILE).is_file())
-    )
+    return sorted(p for p in root.iterdir() if _recipe_of(p) is not None)
+
+
+def _recipe_of(folder: Path) -> dict[str, Any] | None:
+    """``recipe.json`` of a recipe folder, or None for anything else."""
+    match = RECIPE_DIR_PATTERN.fullmatch(folder.name)
+    if not match or folder.name.startswith(".") or folder.is_symlink() or not folder.is_dir():
+        return None
+    try:
+        about = json.loads((folder / RECIPE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return about if isinstance(about, dict) and about.get("recipe") == match.group(1) else None
 
 
 def recipe_dir(root: Path, fingerprint: dict[str, Any], data_name: str) -> Path:
@@ -181,8 +187,7 @@ def recipe_dir(root: Path, fingerprint: dict[str, Any], data_name: str) -> Path:
     then), else ``<root>/<data name>-<id>``."""
     rid = recipe_id(fingerprint)
     for folder in recipe_folders(root):
-        match = RECIPE_DIR_PATTERN.fullmatch(folder.name)
-        if match and match.group(1) == rid:
+        if RECIPE_DIR_PATTERN.fullmatch(folder.name).group(1) == rid:  # type: ignore[union-attr]
             return folder
     return root / f"{_slug(data_name)}-{rid}"
 
@@ -229,7 +234,10 @@ def adopt_flat_checkpoints(root: Path) -> list[str]:
             warnings.warn(f"left {path} where it is: {folder} already holds a {path.name}", stacklevel=2)
             continue
         write_recipe(folder, fingerprint, data_name)
-        os.replace(path, folder / path.name)
+        try:
+            os.replace(path, folder / path.name)
+        except FileNotFoundError:  # another process moved it a moment ago
+            continue
         moved.append(f"{path} -> {folder / path.name}")
         newest_folder = folder
     run_id = root / RUN_ID_FILE
@@ -255,24 +263,14 @@ class Recipe:
 
 
 def read_recipe(folder: Path) -> Recipe:
-    """What ``folder`` holds: its fingerprint (from ``recipe.json``, else its newest checkpoint), steps, size."""
-    about: dict[str, Any] = {}
-    try:
-        about = json.loads((folder / RECIPE_FILE).read_text())
-    except (OSError, ValueError):
-        for path in reversed(list_checkpoints(folder)):
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                about = {"fingerprint": state["fingerprint"], "data": state["params"]["data"]["name"]}
-                break
-            except Exception:
-                continue
+    """What the recipe folder ``folder`` holds: its fingerprint (``recipe.json``), steps, size, last write."""
+    about = _recipe_of(folder) or {}
     files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
     return Recipe(
         folder=folder,
-        fingerprint=about.get("fingerprint") or {},
+        fingerprint=about.get("fingerprint") if isinstance(about.get("fingerprint"), dict) else {},
         data=str(about.get("data", "?")),
-        steps=[int(CKPT_PATTERN.fullmatch(p.name).group(1)) for p in list_checkpoints(folder)],
+        steps=[int(CKPT_PATTERN.fullmatch(p.name).group(1)) for p in list_checkpoints(folder)],  # type: ignore[union-attr]
         size=sum(p.stat().st_size for p in files),
         last_written=max((p.stat().st_mtime for p in files), default=folder.stat().st_mtime),
     )
@@ -334,9 +332,8 @@ def describe_recipes(recipes: list[Recipe]) -> list[dict[str, Any]]:
 
 def delete_recipe(folder: Path) -> None:
     """Delete one recipe's folder, unless a run is writing it (its lock is held)."""
-    with exclusive(folder, "`ddim checkpoints --delete`"):
+    with exclusive(folder, "`ddim checkpoints --delete`"):  # its lock file stays: unlinked, two could hold it
         shutil.rmtree(folder)
-    (folder.parent / f".{folder.name}.lock").unlink(missing_ok=True)
 
 
 def older_than(recipes: list[Recipe], date: str) -> list[Recipe]:

@@ -202,6 +202,11 @@ class TrainConfig(Section):
     def _rendezvous(self) -> TrainConfig:
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint: host:port of one node, reachable from all")
+        if self.resume == "never" and self.max_restarts > 0:
+            raise ValueError(
+                "train.resume=never with train.max_restarts > 0: a restarted rank would refuse the checkpoints its "
+                "own job wrote; use train.resume=auto"
+            )
         return self
 
 

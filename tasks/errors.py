@@ -1,6 +1,12 @@
 """The one exception type that means "the user can fix this": the CLI prints it as one line and exits 1."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``ClassName: the first line of its message`` (cut at ``limit``), for quoting an error in one line."""
+    lines = str(error).strip().splitlines()
+    return f"{error.__class__.__name__}: {lines[0][:limit]}" if lines else error.__class__.__name__
+
+
 class UserError(Exception):
     """Bad input or environment, with a message that names the problem and the fix. ``retryable``: whether the
     same call may succeed if tried again (a network hiccup), as opposed to failing the same way (a checksum)."""
@@ -26,7 +32,8 @@ def out_of_memory(stage: str, error: BaseException) -> UserError | None:
     another backend's "out of memory" RuntimeError), naming the batch size to lower; None for any other error."""
     import torch
 
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
     if not isinstance(error, torch.OutOfMemoryError) and not (
         isinstance(error, RuntimeError) and "out of memory" in text.lower()
     ):

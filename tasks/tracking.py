@@ -22,6 +22,7 @@ import collections
 import functools
 import logging
 import os
+import re
 import subprocess
 import threading
 import time
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tasks.config import TrackingConfig
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.files import atomic_path, exclusive
 
 if TYPE_CHECKING:
@@ -66,8 +67,9 @@ class TrackingWarning(UserWarning):
 
 # MLflow's HTTP client retries a call for minutes by default (7 retries, backoff factor 2, 120 s timeouts):
 # a stopped server would stall every logging call that long. The Outbox retries instead, in the background.
+# (60 s timeouts: long enough to upload a model.pt through an artifact-proxying server.)
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}  # fmt: skip
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}  # fmt: skip
 
 
 def mlflow_client(uri: str) -> Any:
@@ -137,16 +139,30 @@ def write_run_id(run_id: str, folder: Path) -> None:
         tmp.write_text(run_id + "\n")
 
 
-def server_answered(error: BaseException) -> bool:
-    """Whether an MLflow error is the server's answer (a refusal that a retry would repeat), rather than no
-    answer at all (refused connection, timeout, 5xx after retries, a locked database)."""
-    from mlflow.exceptions import RestException
+def write_or_forget_run_id(run_id: str | None, folder: Path) -> None:
+    """The model's run id beside it; None (MLflow did not answer): the file goes, lest the stages after
+    nest their runs under an earlier model's run."""
+    if run_id is None:
+        (Path(folder) / RUN_ID_FILE).unlink(missing_ok=True)
+    else:
+        write_run_id(run_id, folder)
 
-    return isinstance(error, RestException)
+
+# MLflow's error codes for "no answer": a connection that failed, a 5xx, a store that could not be used.
+NO_ANSWER = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+
+
+def server_answered(error: BaseException) -> bool:
+    """Whether an MLflow error is the store's answer (a refusal that a retry would repeat: a run that does not
+    exist, a bad value), rather than no answer at all (a refused connection, a timeout, a 5xx after retries, a
+    locked or damaged database)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.error_code not in NO_ANSWER
 
 
 def not_recorded(where: str, what: str, error: BaseException | None = None) -> None:
-    reason = f" ({error.__class__.__name__}: {str(error).splitlines()[0][:200]})" if error else ""
+    reason = f" ({first_line(error)})" if error else ""
     warnings.warn(f"MLflow at {where} is unavailable{reason}: not recorded: {what}", TrackingWarning, stacklevel=3)
 
 
@@ -182,7 +198,7 @@ class Outbox:
                 call()
             except Exception as e:
                 if server_answered(e):
-                    self.refused.append(f"{what} (refused: {str(e).splitlines()[0][:200]})")
+                    self.refused.append(f"{what} (refused: {first_line(e)})")
                 else:
                     if not self.outage:
                         self.outage = True
@@ -214,9 +230,10 @@ class Outbox:
 
 
 def summarise(items: list[str]) -> str:
-    """``metrics at step 5``, ``metrics at step 10``, ... -> ``metrics at 2 steps (5 ... 10)``."""
-    steps = [int(w.rsplit(" ", 1)[1]) for w in items if w.startswith("metrics at step ")]
-    rest = [w for w in items if not w.startswith("metrics at step ")]
+    """``metrics at step 5``, ``metrics at step 10``, ... -> ``metrics at 2 steps (5 ... 10)``; others as they are."""
+    matches = [re.fullmatch(r"metrics at step (\d+)", w) for w in items]
+    steps = [int(m.group(1)) for m in matches if m]
+    rest = [w for w, m in zip(items, matches, strict=True) if not m]
     head = [f"metrics at {len(steps)} steps ({steps[0]} ... {steps[-1]}; they are in the CSV)"] if steps else []
     return ", ".join(head + rest)
 
@@ -230,6 +247,7 @@ class NullTracker:
     def log_image(self, image: np.ndarray, artifact_file: str) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def finish(self, status: str = "FINISHED", timeout: float = 0) -> None: ...
+    def flush(self, timeout: float = 0) -> None: ...
 
 
 class Tracker(NullTracker):
@@ -326,6 +344,10 @@ class Tracker(NullTracker):
         """End the run with ``status``; with an outbox, wait up to ``timeout`` s for what is queued, then warn
         about what was not recorded."""
         self._send(f"the run's end ({status})", lambda: self.client.set_terminated(self.run_id, status=status))
+        self.flush(timeout)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Send what is queued, waiting up to ``timeout`` s; warn about what was not recorded. The last call."""
         if self.outbox is not None and (missed := self.outbox.close(timeout)):
             not_recorded(self.uri, f"{summarise(missed)} in run {self.run_id}")
 
@@ -433,9 +455,9 @@ def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
     except Exception as e:  # a damaged database, a server that does not answer
         if server_answered(e):
             raise
-        reason = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0][:160]}"
         raise UserError(
-            f"the MLflow store {uri} cannot be read ({reason}): repair or move it, or point tracking.uri elsewhere"
+            f"the MLflow store {uri} cannot be read ({first_line(e)}): repair or move it, or point tracking.uri "
+            "elsewhere"
         ) from None
     if experiment is None:
         return pd.DataFrame()

@@ -73,7 +73,7 @@ from tasks.images import make_grid, to_uint8
 from tasks.import_model import read_source, write_imported
 from tasks.progress import progress_bar
 from tasks.seeds import derive_seed
-from tasks.tracking import NullTracker, Tracker, git_commit, write_run_id
+from tasks.tracking import NullTracker, Tracker, git_commit, write_or_forget_run_id
 
 METRICS_FIELDS = ["step", "loss", "mse", "complexity_term", "lr", "grad_norm", "images_per_s"]
 RUN_FILE = "train_run.json"
@@ -149,27 +149,55 @@ def training_fingerprint(params: Params, dataset_sha256: str, world_size: int) -
 
 def open_checkpoints(
     params: Params, fingerprint: dict[str, Any], dist_info: Ranks, locks: contextlib.ExitStack | None
-) -> Path:
-    """This recipe's checkpoint folder, locked by rank 0 for as long as ``locks`` lasts (None: not locked, for
-    benchmarks that only step); the flat layout is moved into recipe folders first (rank 0; the others wait)."""
+) -> tuple[Path, dict[str, Any] | None]:
+    """This recipe's checkpoint folder and the state to resume from (None: start at step 0).
+
+    Rank 0 moves the flat layout into recipe folders, locks this recipe's folder for as long as ``locks``
+    lasts (None: not locked, for benchmarks that only step) and checks it; its verdict reaches every rank, so
+    all of them raise the same error or resume the same checkpoint (no other process can write it meanwhile).
+    """
+    folder, state, problem = None, None, None
+    if dist_info.is_main:
+        try:
+            folder, state = _claim_checkpoints(params, fingerprint, locks)
+        except Exception as e:  # the others must not wait for a rank 0 that has stopped
+            problem = e
+    verdict = dist_info.broadcast(None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    if verdict is not None:
+        raise TrainingError(verdict)
+    folder = dist_info.broadcast(folder)
+    if not dist_info.is_main:  # rank 0 holds the lock: the same file it loaded
+        state = newest_checkpoint(folder, fingerprint) if params.train.resume == "auto" else None
+    return folder, state
+
+
+def _claim_checkpoints(
+    params: Params, fingerprint: dict[str, Any], locks: contextlib.ExitStack | None
+) -> tuple[Path, dict[str, Any] | None]:
+    """Rank 0's part of :func:`open_checkpoints`: adopt, lock, load, refuse what would write over checkpoints."""
     root = Path(params.paths.checkpoints)
-    if dist_info.is_main:
-        for line in adopt_flat_checkpoints(root):
-            print(f"moved into its recipe's folder: {line}", file=sys.stderr)
-    if dist_info.distributed:
-        dist.barrier()
+    for line in adopt_flat_checkpoints(root):
+        print(f"moved into its recipe's folder: {line}", file=sys.stderr)
     folder = recipe_dir(root, fingerprint, params.data.name)
-    if dist_info.is_main:
-        if locks is not None:
-            locks.enter_context(exclusive(folder, "`ddim train`"))
-        if params.train.resume == "never" and list_checkpoints(folder):
-            raise TrainingError(
-                f"train.resume is never, but {folder} holds checkpoints of this recipe up to step "
-                f"{list_checkpoints(folder)[-1].stem[5:].lstrip('0') or 0}: delete them first "
-                f"(ddim checkpoints --delete {folder.name}), or set train.resume=auto to continue them"
-            )
-        write_recipe(folder, fingerprint, params.data.name)
-    return folder
+    if locks is not None:
+        locks.enter_context(exclusive(folder, "`ddim train`"))
+    held = list_checkpoints(folder)
+    if held and params.train.resume == "never":
+        raise TrainingError(
+            f"train.resume is never, but {folder} holds checkpoints of this recipe up to step "
+            f"{held[-1].stem[5:].lstrip('0') or 0}: delete them first "
+            f"(ddim checkpoints --delete {folder.name}), or set train.resume=auto to continue them"
+        )
+    state = newest_checkpoint(folder, fingerprint) if params.train.resume == "auto" else None
+    if held and params.train.resume == "auto" and state is None:
+        raise TrainingError(  # starting over would, in time, write over and prune them
+            f"none of the {len(held)} checkpoints in {folder} can be read: move them away, or delete them "
+            f"(ddim checkpoints --delete {folder.name})"
+        )
+    write_recipe(folder, fingerprint, params.data.name)
+    return folder, state
 
 
 def setup_process(cfg: TrainConfig, dist_info: Ranks) -> torch.device:
@@ -233,8 +261,7 @@ def build_run(params: Params, locks: contextlib.ExitStack | None = None) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     fingerprint = training_fingerprint(params, dataset.manifest["sha256"], dist_info.world_size)
-    checkpoints = open_checkpoints(params, fingerprint, dist_info, locks)
-    state = newest_checkpoint(checkpoints, fingerprint) if cfg.resume == "auto" else None
+    checkpoints, state = open_checkpoints(params, fingerprint, dist_info, locks)
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -480,8 +507,7 @@ class Bookkeeping:
         self.tracker = Tracker.for_training(
             params.tracking, params.model_dump(mode="json"), tags, ckpt_dir, run_name=training_run_name(params)
         )
-        if self.tracker.run_id is not None:  # None: the server did not answer (a warning said so)
-            write_run_id(self.tracker.run_id, out_dir)
+        write_or_forget_run_id(self.tracker.run_id, out_dir)
         self.csv = MetricsCSV(out_dir / "train_metrics.csv", run.start_step)
 
     def record(self, step: int, stats: torch.Tensor) -> None:
@@ -573,8 +599,13 @@ class Bookkeeping:
         self.bar.close()
         if self.csv is not None:
             self.csv.close()
+        timeout = self.run.params.tracking.flush_timeout
+        if status == "KILLED":  # SIGTERM: the checkpoint is written, and the grace period may be short
+            timeout = min(timeout, 5.0)
         if status != "FINISHED" or finished:
-            self.tracker.finish(status, timeout=self.run.params.tracking.flush_timeout)
+            self.tracker.finish(status, timeout=timeout)
+        else:  # stopped early on purpose (stop_after): the run stays open, what it logged is sent
+            self.tracker.flush(timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -646,8 +677,7 @@ def import_pretrained(params: Params) -> dict[str, Any]:
     tags = {"stage": "train", "source": source, "source.sha256": imported.source["sha256"], "device": "cpu"}
     name = "import-" + source.rstrip("/").rsplit("/", 1)[-1]  # hub id, URL, folder or file: its last part
     tracker = Tracker.for_training(params.tracking, params.model_dump(mode="json"), tags, ckpt_dir, run_name=name)
-    if tracker.run_id is not None:
-        write_run_id(tracker.run_id, out_dir)
+    write_or_forget_run_id(tracker.run_id, out_dir)
     MetricsCSV(out_dir / "train_metrics.csv", 0).close()  # no training: an empty loss curve
     about = {"model": str(model_path), "model_sha256": file_hash(model_path), "mlflow_run_id": tracker.run_id}
     write_json({**about, "source": imported.source, "params": params.model_dump(mode="json")}, out_dir / RUN_FILE)

@@ -9,16 +9,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 from conftest import cli_env
 
-from tasks.checkpoint import list_checkpoints, recipe_folders, recipe_id
+from tasks.checkpoint import list_checkpoints, older_than, read_recipe, recipe_folders, recipe_id
 from tasks.config import load_params
 from tasks.data import prepare_dataset
-from tasks.train import TrainingError, train, training_fingerprint
+from tasks.train import TrainingError, batches, train, training_fingerprint
 
 DDIM = str(Path(sys.executable).with_name("ddim"))
 BIN = Path(sys.executable).parent
@@ -95,8 +96,10 @@ def test_the_flat_layout_of_earlier_versions_is_moved_into_its_recipe_folder_and
     for path in list_checkpoints(folder):  # as the earlier version wrote them: flat, batch_size per process
         state = torch.load(path, weights_only=True)
         recipe = dict(state["fingerprint"]["train"])
-        recipe["batch_size"] = recipe.pop("global_batch")
-        torch.save({**state, "fingerprint": {**state["fingerprint"], "train": recipe}}, root / path.name)
+        recipe["batch_size"] = recipe.pop("global_batch") // 2  # made by 2 processes of half the batch
+        ran = {**state["params"], "train": {**state["params"]["train"], "nproc_per_node": 2, "batch_size": 4}}
+        legacy = {**state, "params": ran, "fingerprint": {**state["fingerprint"], "train": recipe}}
+        torch.save(legacy, root / path.name)
     os.replace(folder / "mlflow_run_id", root / "mlflow_run_id")
     run_id = (root / "mlflow_run_id").read_text().strip()
     for path in folder.iterdir():
@@ -174,3 +177,44 @@ def test_two_processes_of_half_the_batch_resume_one_and_double_the_batch_is_its_
     assert torchrun("train.batch_size=8", "train.steps=6")["resumed_from"] == 4
     assert torchrun("train.batch_size=16", "train.steps=6")["resumed_from"] == 0  # global batch 32: a new recipe
     assert len(recipe_folders(project / "data" / "checkpoints")) == 2
+
+
+def test_every_step_reads_the_same_images_whatever_the_process_count_at_one_global_batch():
+    """What lets 2 x 8 continue 1 x 16: the union of the ranks' batches at each step is the same set of images."""
+    data = torch.arange(100)
+
+    def steps(world: int, batch: int, start: int) -> list[set[int]]:
+        per_rank = []
+        for rank in range(world):
+            cfg = SimpleNamespace(seed=3, batch_size=batch, num_workers=0)
+            run = SimpleNamespace(
+                cfg=cfg, dist=SimpleNamespace(world_size=world, rank=rank), dataset=data, start_step=start,
+                global_batch=batch * world, device=torch.device("cpu"),
+            )  # fmt: skip
+            per_rank.append([set(x.tolist()) for _, x in batches(run, 14)])
+        return [set().union(*sets) for sets in zip(*per_rank, strict=True)]
+
+    one = steps(1, 16, 0)
+    assert len(one) == 14 and all(len(s) == 16 for s in one)  # 6 steps an epoch: two epochs and a bit
+    assert steps(2, 8, 5) == one[5:] and steps(4, 4, 9) == one[9:]
+
+
+def test_checkpoints_that_cannot_be_read_are_never_started_over_and_written_across(project):
+    train(load_params("params.yaml"))
+    (folder,) = recipe_folders(project / "data" / "checkpoints")
+    for path in list_checkpoints(folder):
+        path.write_bytes(b"damaged")
+    before = files_of(folder)
+    with pytest.raises(TrainingError, match=r"none of the 2 checkpoints in .* can be read: move them away"):
+        train(load_params("params.yaml", ["train.steps=6"]))
+    assert files_of(folder) == before
+
+
+def test_a_folder_of_the_users_that_looks_like_a_recipe_is_no_recipe(project):
+    train(load_params("params.yaml"))
+    root = project / "data" / "checkpoints"
+    (root / "backup-3f2a9c1b7d4e").mkdir()
+    (root / "backup-3f2a9c1b7d4e" / "notes.txt").write_text("mine")
+    (recipe,) = recipe_folders(root)
+    assert recipe.name != "backup-3f2a9c1b7d4e"
+    assert older_than([read_recipe(f) for f in recipe_folders(root)], "2999-01-01") == [read_recipe(recipe)]

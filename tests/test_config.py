@@ -119,3 +119,9 @@ def test_a_bad_profile_names_itself(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  lr: -1\n")
     with pytest.raises(ConfigError, match=r"invalid profile bad: train.lr: Input should be greater than 0"):
         profile_params("bad", tmp_path)
+
+
+def test_resume_never_cannot_be_restarted_by_torchrun(tmp_path):
+    (tmp_path / "p.yaml").write_text("train: {resume: never, max_restarts: 2}\n")
+    with pytest.raises(ConfigError, match="a restarted rank would refuse the checkpoints its own job wrote"):
+        load_params(tmp_path / "p.yaml")

@@ -362,8 +362,8 @@ def _raise(error: BaseException):
 
 
 def test_out_of_memory_in_training_names_train_batch_size(copy, monkeypatch, capsys):
-    """As one rank under torchrun runs it (the CLI's flow ends in the same handler); the U-Net's forward pass
-    stands in for the allocator, which raises this on a GPU."""
+    """As one rank under torchrun runs it (the CLI has a handler of its own around its flows, tested with `ddim
+    evaluate A B` below); the U-Net's forward pass stands in for the allocator, which raises this on a GPU."""
     from models.unet import UNet
     from tasks import train as train_stage
 
@@ -473,12 +473,11 @@ def test_model_and_checkpoint_files_that_would_run_code_run_nothing(copy):
     (recipe,) = [p for p in (copy / "data" / "checkpoints").iterdir() if p.is_dir()]
     for path in recipe.glob("ckpt-*.pt"):
         _code_running_pickle(path, marker)
-    (recipe / "recipe.json").unlink()
-    listed = ddim(copy, "checkpoints")  # reads the newest checkpoint for its recipe: weights only
-    assert listed.returncode == 0 and recipe.name in listed.stdout
-    trained = ddim(copy, "train", *TRAIN_ELSEWHERE[:2], "--set", f"paths.checkpoints={recipe.parent}")
-    assert trained.returncode == 0, trained.stderr  # it starts over beside them, with a warning, never loading them
-    assert "ignoring unreadable checkpoint" in trained.stderr
+    message = fail(copy, "train", *TRAIN_ELSEWHERE[:2], "--set", "train.steps=4")  # never loaded but as weights
+    assert (
+        message == f"none of the 1 checkpoints in data/checkpoints/{recipe.name} can be read: move them away, "
+        f"or delete them (ddim checkpoints --delete {recipe.name})"
+    )
     assert not marker.exists()
 
 
@@ -515,10 +514,13 @@ def test_a_damaged_tracking_store(copy):
     ends complete, with a warning that MLflow recorded nothing of the run."""
     (copy / "mlflow.db").write_bytes(os.urandom(20_000))
     assert "the MLflow store sqlite:///" in fail(copy, "runs")
+    (copy / "results" / "t2").mkdir()
+    (copy / "results" / "t2" / "mlflow_run_id").write_text("0123456789abcdef\n")  # an earlier model's run
     trained = ddim(copy, "train", *TRAIN_ELSEWHERE)
     assert trained.returncode == 0, trained.stderr
     assert "is unavailable (DatabaseError" in trained.stderr and "not recorded: this whole run" in trained.stderr
     assert (copy / "results" / "t2" / "model.pt").is_file()
+    assert not (copy / "results" / "t2" / "mlflow_run_id").exists(), "evaluations must not nest under another run"
 
 
 @pytest.mark.integration

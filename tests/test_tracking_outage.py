@@ -22,7 +22,7 @@ from conftest import cli_env, free_port
 
 from tasks.config import TrackingConfig, load_params
 from tasks.data import prepare_dataset
-from tasks.tracking import NullTracker, Outbox, Tracker, TrackingWarning, log_child_run
+from tasks.tracking import NullTracker, Outbox, Tracker, TrackingWarning, log_child_run, server_answered, summarise
 
 BIN = Path(sys.executable).parent
 PROJECT = {
@@ -187,8 +187,13 @@ def test_the_outbox_sends_in_order_retries_what_got_no_answer_and_names_what_it_
     outbox = Outbox("http://nowhere")
     for name in ("a", "b", "refused", "c"):
         outbox.put(name, call(name))
-    assert outbox.close(timeout=30) == ["refused (refused: INVALID_PARAMETER_VALUE: bad value)"]
+    missed = outbox.close(timeout=30)
+    assert missed == ["refused (refused: RestException: INVALID_PARAMETER_VALUE: bad value)"]
     assert sent == ["a", "b", "c"]
+    assert summarise([*missed, "metrics at step 5", "metrics at step 10", "metrics at step 7 (refused: X)"]) == (
+        "metrics at 2 steps (5 ... 10; they are in the CSV), refused (refused: RestException: "
+        "INVALID_PARAMETER_VALUE: bad value), metrics at step 7 (refused: X)"
+    )
 
     stuck = Outbox("http://nowhere")
     failures["d"] = 10**6
@@ -210,3 +215,25 @@ def test_a_server_that_does_not_answer_at_the_start_leaves_the_run_untracked_wit
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         NullTracker().finish("FINISHED")
+
+
+def test_what_counts_as_an_answer_of_the_store():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_STATE, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    assert server_answered(MlflowException("Run 'x' not found", RESOURCE_DOES_NOT_EXIST))
+    assert server_answered(MlflowException("The run is deleted", INVALID_STATE))
+    assert not server_answered(MlflowException("API request to http://x failed with exception ConnectionError"))
+    assert not server_answered(MlflowException("503", TEMPORARILY_UNAVAILABLE))
+    assert not server_answered(ConnectionRefusedError())
+
+
+def test_a_resumed_run_whose_mlflow_run_is_gone_starts_a_new_tracked_run(project):
+    """The sqlite store was deleted (or tracking.uri changed) between two runs of a recipe: its stored run id
+    names no run there, which is the store's answer, not an outage: a new run is tracked."""
+    from tasks.train import train
+
+    first = train(load_params("params.yaml", ["train.steps=4", "train.checkpoint_every=2"]))
+    other = f"tracking.uri=sqlite:///{project / 'other.db'}"  # a new store (in one process: a deleted one stays open)
+    again = train(load_params("params.yaml", ["train.steps=6", "train.checkpoint_every=2", other]))
+    assert again["resumed_from"] == 4 and again["mlflow_run_id"] not in (None, first["mlflow_run_id"])

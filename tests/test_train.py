@@ -483,3 +483,10 @@ def test_sample_grids_come_at_their_own_steps_whatever_the_log_and_checkpoint_ca
     summary = train(params)
     grids = {a.path for a in MlflowClient(tracking_uri=mlflow_uri).list_artifacts(summary["mlflow_run_id"], "samples")}
     assert grids == {f"samples/step_{s:08d}.png" for s in (3, 6, 9)}  # 3 and 6 were skipped before
+
+
+def test_a_run_stopped_early_has_sent_what_it_logged_when_train_returns(tmp_path, mlflow_uri):
+    summary = train(load_params(setup_run(tmp_path, mlflow_uri, steps=30, log_every=5)), stop_after=10)
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")) == [5, 10]
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "RUNNING"  # to be resumed
