@@ -365,42 +365,36 @@ def log_child_run(
     params, its numeric metrics, and ``artifacts`` (images show on the run page). Its id; None, with a
     :class:`TrackingWarning`, if the server does not answer (the stage's own outputs are complete)."""
     try:
-        return _log_child_run(cfg, parent_run_id, name, params, metrics, artifacts, tags)
+        uri = tracking_uri(cfg)
+        client = mlflow_client(uri)
+        experiment_id = None
+        if parent_run_id is not None:
+            try:
+                experiment_id = client.get_run(parent_run_id).info.experiment_id
+            except Exception as e:
+                if not server_answered(e):
+                    raise
+                parent_run_id = None  # the store no longer holds it (a new mlflow.db): a run of its own
+        if experiment_id is None:
+            experiment_id = _experiment_id(client, cfg.experiment, uri)
+        tags = dict(tags or {})
+        if parent_run_id is not None:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+        tracker = Tracker(uri, run_id)
+        tracker.log_params(params)
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and type(v) is not bool}
+        tracker.log_metrics(numbers, 0)
+        for path in artifacts:
+            if Path(path).is_file():
+                tracker.log_artifact(Path(path))
+        tracker.finish()
+        return run_id
     except Exception as e:
         if server_answered(e):
             raise
         not_recorded(tracking_uri(cfg), f"the run {name} ({', '.join(f'{k}={v}' for k, v in metrics.items())})", e)
         return None
-
-
-def _log_child_run(
-    cfg: TrackingConfig,
-    parent_run_id: str | None,
-    name: str,
-    params: dict[str, Any],
-    metrics: dict[str, Any],
-    artifacts: list[Path],
-    tags: dict[str, str] | None,
-) -> str:
-    uri = tracking_uri(cfg)
-    client = mlflow_client(uri)
-    if parent_run_id is not None:
-        experiment_id = client.get_run(parent_run_id).info.experiment_id
-    else:
-        experiment_id = _experiment_id(client, cfg.experiment, uri)
-    tags = dict(tags or {})
-    if parent_run_id is not None:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
-    tracker = Tracker(uri, run_id)
-    tracker.log_params(params)
-    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    tracker.log_metrics(numbers, 0)
-    for path in artifacts:
-        if Path(path).is_file():
-            tracker.log_artifact(Path(path))
-    tracker.finish()
-    return run_id
 
 
 def log_evaluation(

@@ -29,6 +29,25 @@ def prefect_server():
         yield
 
 
+@pytest.fixture
+def make_project(tmp_path, monkeypatch):
+    """``make_project(params)``: ``params`` as tmp_path/params.yaml, its dataset prepared, tmp_path the current
+    directory (so its MLflow store is its own); returns tmp_path."""
+    import yaml
+
+    from tasks.config import load_params
+    from tasks.data import prepare_dataset
+
+    def make(params: dict) -> Path:
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        monkeypatch.chdir(tmp_path)
+        loaded = load_params("params.yaml")
+        prepare_dataset(loaded.data, loaded.paths)
+        return tmp_path
+
+    return make
+
+
 def cli_env() -> dict[str, str]:
     """Environment for running `ddim` in a subprocess: no API URL, so each command starts its temporary server,
     on the session's throwaway Prefect home (one home for all: a new one costs each command ~6 s of database

@@ -13,12 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from conftest import cli_env
 
 from tasks.checkpoint import list_checkpoints, older_than, read_recipe, recipe_folders, recipe_id
 from tasks.config import load_params
-from tasks.data import prepare_dataset
 from tasks.train import TrainingError, batches, train, training_fingerprint
 
 DDIM = str(Path(sys.executable).with_name("ddim"))
@@ -41,13 +39,8 @@ PROJECT = {
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch) -> Path:
-    """A micro project (its own MLflow store) with the dataset prepared; the current directory."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PROJECT))
-    monkeypatch.chdir(tmp_path)
-    params = load_params("params.yaml")
-    prepare_dataset(params.data, params.paths)
-    return tmp_path
+def project(make_project) -> Path:
+    return make_project(PROJECT)
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

@@ -17,11 +17,9 @@ import warnings
 from pathlib import Path
 
 import pytest
-import yaml
 from conftest import cli_env, free_port
 
 from tasks.config import TrackingConfig, load_params
-from tasks.data import prepare_dataset
 from tasks.tracking import NullTracker, Outbox, Tracker, TrackingWarning, log_child_run, server_answered, summarise
 
 BIN = Path(sys.executable).parent
@@ -62,12 +60,8 @@ class Server:
 
 
 @pytest.fixture
-def project(tmp_path: Path, monkeypatch) -> Path:
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PROJECT))
-    monkeypatch.chdir(tmp_path)
-    params = load_params("params.yaml")
-    prepare_dataset(params.data, params.paths)
-    return tmp_path
+def project(make_project) -> Path:
+    return make_project(PROJECT)
 
 
 @pytest.fixture
@@ -237,3 +231,12 @@ def test_a_resumed_run_whose_mlflow_run_is_gone_starts_a_new_tracked_run(project
     other = f"tracking.uri=sqlite:///{project / 'other.db'}"  # a new store (in one process: a deleted one stays open)
     again = train(load_params("params.yaml", ["train.steps=6", "train.checkpoint_every=2", other]))
     assert again["resumed_from"] == 4 and again["mlflow_run_id"] not in (None, first["mlflow_run_id"])
+
+
+def test_a_child_run_of_a_training_run_the_store_no_longer_holds_is_a_run_of_its_own(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'new.db'}", experiment="e")
+    run_id = log_child_run(cfg, "0123456789abcdef0123456789abcdef", "fid-10", {}, {"fid": 12.5})
+    run = MlflowClient(tracking_uri=cfg.uri).get_run(run_id)
+    assert run.data.metrics["fid"] == 12.5 and "mlflow.parentRunId" not in run.data.tags
