@@ -15,6 +15,7 @@ import signal
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -177,27 +178,29 @@ def run_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """``error``, then what caused it, and so on."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
 def prefect_api_lost(error: BaseException | None) -> bool:
     """Whether ``error`` (or what caused it) is the Prefect API not answering: no connection, a timeout, a 5xx."""
     import httpx
 
-    while error is not None:
-        if isinstance(error, httpx.TransportError):
-            return True
-        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code >= 500:
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(
+        isinstance(e, httpx.TransportError) or (isinstance(e, httpx.HTTPStatusError) and e.response.status_code >= 500)
+        for e in _causes(error)
+    )
 
 
 def _outputs_despite_prefect(error: Exception, finished: dict) -> dict:
     """The stage's result when only Prefect failed, after the stage's outputs were complete (a warning says
     what Prefect lacks); else the error: the pipeline's own, or one line for an API that does not answer."""
-    cause: BaseException | None = error
-    while cause is not None:  # the stage's own error first, whatever failed after it
+    for cause in _causes(error):  # the stage's own error first, whatever failed after it
         if isinstance(cause, UserError):
             raise cause
-        cause = cause.__cause__ or cause.__context__
     if not prefect_api_lost(error):
         raise error
     url = os.environ.get("PREFECT_API_URL", "Prefect's API")

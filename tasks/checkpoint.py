@@ -276,16 +276,16 @@ def read_recipe(folder: Path) -> Recipe:
     )
 
 
-def _names(folder: Path, name: str) -> bool:
+def _id_starts_with(folder: Path, name: str) -> bool:
     match = RECIPE_DIR_PATTERN.fullmatch(folder.name)
-    return folder.name == name or bool(match and len(name) >= 4 and match.group(1).startswith(name))
+    return bool(match and len(name) >= 4 and match.group(1).startswith(name))
 
 
 def find_recipes(root: Path, names: list[str]) -> list[Path]:
     """The recipe folders that ``names`` name: a folder name, or a recipe id (or its first 4+ digits)."""
     folders, found = recipe_folders(root), []
     for name in names:
-        hits = [f for f in folders if f.name == name] or [f for f in folders if _names(f, name)]
+        hits = [f for f in folders if f.name == name] or [f for f in folders if _id_starts_with(f, name)]
         if len(hits) != 1:
             known = ", ".join(f.name for f in folders) or "none"
             what = "matches several recipes" if hits else "is no recipe"

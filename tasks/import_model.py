@@ -31,7 +31,7 @@ from models.unet import UNetConfig
 from models.weights import WeightsError, convert_state_dict, ddpm_config_from_state_dict, unet_config_from_diffusers
 from tasks.checkpoint import is_model_file, save_model
 from tasks.download import DownloadError, fetch
-from tasks.errors import UserError
+from tasks.errors import UserError, first_line
 from tasks.files import file_hash
 
 HUB_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -133,11 +133,10 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file, or one with objects weights_only refuses
-        text = str(e).strip()
         why = (
             "it holds Python objects besides tensors, which are never loaded: they could run code"
-            if "Weights only load failed" in text
-            else f"{e.__class__.__name__}: {text.splitlines()[0][:200] if text else ''}"
+            if "Weights only load failed" in str(e)
+            else first_line(e)
         )
         raise ModelImportError(f"{path} is not a readable checkpoint ({why})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

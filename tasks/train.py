@@ -162,12 +162,11 @@ def open_checkpoints(
             folder, state = _claim_checkpoints(params, fingerprint, locks)
         except Exception as e:  # the others must not wait for a rank 0 that has stopped
             problem = e
-    verdict = dist_info.broadcast(None if problem is None else str(problem))
+    verdict, folder = dist_info.broadcast((None if problem is None else str(problem), folder))
     if problem is not None:
         raise problem
     if verdict is not None:
         raise TrainingError(verdict)
-    folder = dist_info.broadcast(folder)
     if not dist_info.is_main:  # rank 0 holds the lock: the same file it loaded
         state = newest_checkpoint(folder, fingerprint) if params.train.resume == "auto" else None
     return folder, state
