@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup test test-fast lint format bench demo ui ui-stop screenshots clean
+.PHONY: help setup test test-fast lint format bench demo stages ui ui-stop screenshots clean
 
 help:
 	@echo "make setup  - create .venv and install the project with its dev tools (quick when done)"
@@ -20,6 +20,7 @@ help:
 	@echo "make format - setup, then let ruff fix imports and formatting"
 	@echo "make bench  - setup, then U-Net size and CPU training-step speed (JSON)"
 	@echo "make demo   - setup, then the pipeline on the offline demo (dvc repro evaluate), then where to look"
+	@echo "make stages - setup, then the table of stages (command, DVC stage, module, launch, Prefect artifact)"
 	@echo "make ui     - start the Prefect and MLflow UIs on 127.0.0.1 in the background (make ui-stop ends them)"
 	@echo "make screenshots - with make ui running: headless Chromium's view of both UIs, into docs/"
 
@@ -59,6 +60,10 @@ bench: setup
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate
 	@$(BIN)/ddim report
+
+# The table of stages in pipelines/stages.py, as the README shows it (a test checks the README holds it).
+stages: setup
+	@$(BIN)/python -m pipelines.stages
 
 ui: setup
 	@mkdir -p $(UI)

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.config import load_params
-from tasks.data import prepare_dataset, shape_image
-from tasks.fid import (
+from tasks import reference, sample, train
+from tasks.common.config import load_params
+from tasks.common.fid import (
     ImageFiles,
     frechet_distance,
     inception_features,
@@ -31,10 +31,8 @@ from tasks.fid import (
     reference_path,
     statistics,
 )
-from tasks.inception import load_inception
-from tasks.reference import compute_reference
-from tasks.sample import run_sampling
-from tasks.train import train
+from tasks.common.inception import load_inception
+from tasks.prepare import build_dataset, shape_image
 
 
 def fid_of(folder: Path, ref: tuple[np.ndarray, np.ndarray], model) -> float:
@@ -51,15 +49,15 @@ def main() -> None:
     timings = {}
     start = time.perf_counter()
     if not (Path(params.paths.prepared) / params.data.name / "manifest.json").is_file():
-        prepare_dataset(params.data, params.paths)
+        build_dataset(params.data, params.paths)
     if not (Path(params.paths.train) / "model.pt").is_file():
-        train(params)
+        train.run(params)
     timings["prepare_train_s"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
-    sample_stats = run_sampling(params)
+    sample_stats = sample.run(params)
     timings["sample_s"] = round(time.perf_counter() - start, 1)
     if not reference_path(params).is_file():
-        compute_reference(params)
+        reference.run(params)
     mu_ref, sigma_ref, ref_count = load_stats(reference_path(params))
     model = load_inception("cpu")
     size = params.data.image_size

@@ -13,11 +13,11 @@ each block):
 - train/full: our real training step (``tasks.train.train_step``: data from the prepared-dataset loader,
   flips, loss, Adam, grad clipping, EMA) on a ``shapes`` dataset, with the step's variants: as configured,
   the batch already on the device (what the data path costs), a fused Adam, channels-first, compiled.
-- sample: DDIM at 10 and 100 steps (eta 0, and eta 1 at 100) through ``tasks.sampling.sample_images``
+- sample: DDIM at 10 and 100 steps (eta 0, and eta 1 at 100) through ``tasks.common.inference.sample_images``
   (per-image seeds) beside the same number of bare model calls on one batch.
-- inception: FID feature images/s (``tasks.fid.batch_features``, 32 px images resized to 299). Speed does
+- inception: FID feature images/s (``tasks.common.fid.batch_features``, 32 px images resized to 299). Speed does
   not depend on the weights: without pytorch-fid's weights installed, random ones are used (and said so).
-- fid: the Frechet distance of two 2048-d Gaussians, scipy's ``sqrtm`` (``tasks.fid.frechet_distance``)
+- fid: the Frechet distance of two 2048-d Gaussians, scipy's ``sqrtm`` (``tasks.common.fid.frechet_distance``)
   beside a float64 eigenvalue form on the device, and their difference.
 """
 
@@ -208,7 +208,7 @@ def bench_bare(
 
 def train_params(size: Size, work: Path, device: torch.device, **train: Any):
     """The default (DDPM CIFAR-10) params at this size, on a ``shapes`` dataset under ``work``."""
-    from tasks.config import validate_params
+    from tasks.common.config import validate_params
 
     m = size.model
     raw = {
@@ -239,11 +239,11 @@ VARIANTS = {
 def bench_full(size: Size, device: torch.device, work: Path, compiled: bool = False) -> list[dict]:
     """Our training step (tasks.train.train_step) and its variants (the compiled one alone if ``compiled``),
     steps/s over size.blocks x size.iters."""
-    from tasks.data import prepare_dataset
+    from tasks.prepare import build_dataset
 
     params = train_params(size, work, device)
     if not (Path(params.paths.prepared) / params.data.name).is_dir():
-        prepare_dataset(params.data, params.paths)
+        build_dataset(params.data, params.paths)
     return [
         time_variant(size, device, work, name, variant)
         for name, variant in VARIANTS.items()
@@ -252,10 +252,10 @@ def bench_full(size: Size, device: torch.device, work: Path, compiled: bool = Fa
 
 
 def time_variant(size: Size, device: torch.device, work: Path, name: str, variant: dict[str, Any]) -> dict:
-    from tasks.train import batches, build_run, train_step
+    from tasks.train import batches, build_trainer, train_step
 
     settings = {k: v for k, v in variant.items() if k in ("channels_last", "compile")}
-    run = build_run(train_params(size, work, device, **settings))
+    run = build_trainer(train_params(size, work, device, **settings))
     if variant.get("fused"):
         run.optimizer = torch.optim.Adam(run.model.parameters(), lr=run.cfg.lr, fused=True)
     data = batches(run, 10**9)
@@ -282,8 +282,8 @@ def time_variant(size: Size, device: torch.device, work: Path, name: str, varian
 def bench_sampling(size: Size, device: torch.device, amp: torch.dtype | None, compiled: bool = False) -> list[dict]:
     """DDIM through the sample stage's call beside the same number of bare network calls (or, ``compiled``,
     DDIM with the network compiled)."""
-    from tasks.config import SampleConfig
-    from tasks.sampling import sample_images
+    from tasks.common.config import SampleConfig
+    from tasks.common.inference import sample_images
 
     torch.manual_seed(0)
     model = UNet(size.model).to(device).eval()
@@ -313,15 +313,15 @@ def bench_sampling(size: Size, device: torch.device, amp: torch.dtype | None, co
 
 
 def on_device_schedule(device: torch.device) -> torch.Tensor:
-    from tasks.config import DiffusionConfig
-    from tasks.devices import on_device
+    from tasks.common.config import DiffusionConfig
+    from tasks.common.devices import on_device
 
     return on_device(DiffusionConfig().alphas_cumprod(), device)
 
 
 def bench_inception(size: Size, device: torch.device) -> dict:
-    from tasks.fid import batch_features
-    from tasks.inception import InceptionError, _fid_inception_skeleton, _init_inception, load_inception
+    from tasks.common.fid import batch_features
+    from tasks.common.inception import InceptionError, _fid_inception_skeleton, _init_inception, load_inception
 
     try:
         model, weights = load_inception(device), "pytorch-fid's"
@@ -353,7 +353,7 @@ def frechet_distance_eigh(mu1, sigma1, mu2, sigma2, device: torch.device) -> flo
 
 
 def bench_fid(size: Size, device: torch.device) -> dict:
-    from tasks.fid import frechet_distance
+    from tasks.common.fid import frechet_distance
 
     rng = np.random.default_rng(0)
     feats = [rng.standard_normal((2 * size.fid_dims, size.fid_dims)) + shift for shift in (0.0, 0.1)]
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", nargs="*", help="sections, in order (default: all; compiled last, on the GPU only)")
     args = parser.parse_args(argv)
 
-    from tasks.devices import set_precision
+    from tasks.common.devices import set_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = SIZES[args.size or ("gpu" if device.type == "cuda" else "cpu")]

@@ -3,7 +3,7 @@
     python benchmarks/inception_speed.py [--images 200]
 
 "pytorch_fid_default": pytorch-fid's own `get_activations` as its CLI runs it (batch 50, torch.no_grad,
-NCHW). "ours": `tasks.fid.inception_features` (batch 200, torch.inference_mode, channels_last). Both
+NCHW). "ours": `tasks.common.fid.inception_features` (batch 200, torch.inference_mode, channels_last). Both
 read the same PNG files (shapes at 32 px) and must give the same features.
 """
 
@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from pytorch_fid.fid_score import get_activations
 
-from tasks.data import shape_image
-from tasks.fid import ImageFiles, inception_features, list_images
-from tasks.inception import load_inception
+from tasks.common.fid import ImageFiles, inception_features, list_images
+from tasks.common.inception import load_inception
+from tasks.prepare import shape_image
 
 
 def main() -> None:

@@ -23,12 +23,12 @@ from PIL import Image
 
 CASE = r"""
 import json, resource, sys, time
-from tasks.config import DataConfig, PathsConfig
-from tasks.data import prepare_dataset
+from tasks.common.config import DataConfig, PathsConfig
+from tasks.prepare import build_dataset
 data = DataConfig.model_validate_json(sys.argv[1])
 paths = PathsConfig(raw=sys.argv[2] + "/raw", prepared=sys.argv[2] + "/prepared")
 start = time.perf_counter()
-manifest = prepare_dataset(data, paths)
+manifest = build_dataset(data, paths)
 seconds = time.perf_counter() - start
 main_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 child_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.checkpoint import load_model
-from tasks.config import load_params
-from tasks.data import prepare_dataset
-from tasks.images import read_png
-from tasks.sample import image_path, run_sampling
-from tasks.train import train
+from tasks import sample, train
+from tasks.common.checkpoint import load_model
+from tasks.common.config import load_params
+from tasks.common.images import read_png
+from tasks.prepare import build_dataset
+from tasks.sample import image_path
 
 THREADS = (2, 2, 1)
 
@@ -73,12 +73,12 @@ def measure(args: argparse.Namespace) -> dict[str, list]:
             f"sample.num_samples={args.images}",
         ]
         params = load_params(args.params, base)
-        prepare_dataset(params.data, params.paths)
+        build_dataset(params.data, params.paths)
         first = None
         for i, threads in enumerate(THREADS):
             torch.set_num_threads(threads)
             run = [*base, f"paths.train={root / f'train{i}'}", f"paths.checkpoints={root / f'ckpt{i}'}"]
-            summary = train(load_params(args.params, run))
+            summary = train.run(load_params(args.params, run))
             if first is None:  # the run the others are compared with
                 first = ema_weights(root / "train0" / "model.pt")
             row = {"threads": threads, "weights_sha256": summary["weights_sha256"][:16]}
@@ -86,7 +86,7 @@ def measure(args: argparse.Namespace) -> dict[str, list]:
         for i, threads in enumerate(THREADS):
             torch.set_num_threads(threads)
             out = root / f"samples{i}"
-            run_sampling(load_params(args.params, [*base, f"paths.train={root / 'train0'}", f"paths.samples={out}"]))
+            sample.run(load_params(args.params, [*base, f"paths.train={root / 'train0'}", f"paths.samples={out}"]))
             diff = np.abs(pixels(out, args.images) - pixels(root / "samples0", args.images))
             report["sample"].append(
                 {"threads": threads, "identical": not diff.any(), "pixels_differing": float((diff > 0).mean())}

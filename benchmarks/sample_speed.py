@@ -13,8 +13,8 @@ import argparse
 import json
 import tempfile
 
-from tasks.config import load_params
-from tasks.sample import run_sampling
+from tasks import sample
+from tasks.common.config import load_params
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     for sampler in ("ddim", "adaptive"):
         with tempfile.TemporaryDirectory() as tmp:
             overrides = [*args.overrides, f"sample.num_samples={args.count}", f"sample.sampler={sampler}"]
-            stats = run_sampling(load_params(args.params, [*overrides, f"paths.samples={tmp}"]))
+            stats = sample.run(load_params(args.params, [*overrides, f"paths.samples={tmp}"]))
         report[sampler] = {k: stats[k] for k in keys}
     print(json.dumps(report, indent=2))
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import load_params
-from tasks.data import prepare_dataset
-from tasks.train import train
+from tasks import train
+from tasks.common.config import load_params
+from tasks.prepare import build_dataset
 
 CIFAR_CH64 = [
     "model.ch=64",
@@ -48,10 +48,10 @@ def measure(params_file: str, overrides: list[str], steps: int, warmup_steps: in
         "train.num_workers=0",
     ]
     params = load_params(params_file, base + overrides + [f"train.steps={warmup_steps + steps}"])
-    prepare_dataset(params.data, params.paths)
-    train(params, stop_after=warmup_steps)  # start-up, first-step allocations
+    build_dataset(params.data, params.paths)
+    train.run(params, stop_after=warmup_steps)  # start-up, first-step allocations
     start = time.perf_counter()
-    summary = train(
+    summary = train.run(
         load_params(
             params_file,
             base + overrides + ["train.resume=auto", f"train.steps={warmup_steps + steps}", f"train.log_every={steps}"],

@@ -24,30 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "BetaSchedule",
-    "ComplexityMode",
-    "EpsModel",
-    "Spacing",
-    "adaptive_ddim_sample",
-    "adaptive_step_size",
-    "alphas_cumprod_from_betas",
-    "complexity_score",
-    "compute_complexity",
-    "ddim_encode",
-    "ddim_sample",
-    "ddim_step",
-    "ddim_timesteps",
-    "gradient_magnitude",
-    "loss_terms",
-    "make_beta_schedule",
-    "modified_loss",
-    "predict_x0",
-    "q_sample",
-    "randn",
-    "training_losses",
-]
-
 BetaSchedule = Literal["linear", "cosine"]
 Spacing = Literal["uniform", "quad", "linspace", "trailing"]
 ComplexityMode = Literal["design", "scaled"]
@@ -359,7 +335,7 @@ def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(dx**2 + dy**2)
 
 
-def compute_complexity(x: torch.Tensor, mode: ComplexityMode = "design", eps: float = 1e-8) -> torch.Tensor:
+def compute_complexity(x: torch.Tensor, mode: ComplexityMode, eps: float = 1e-8) -> torch.Tensor:
     """The design's gradient-based complexity map of images ``x`` ``[B, C, H, W]``.
 
     - ``"design"``: exactly the design's code: ``[B, 3, H+1, W+1]``, divided by the batch's L2 norm.
@@ -375,7 +351,7 @@ def compute_complexity(x: torch.Tensor, mode: ComplexityMode = "design", eps: fl
     return c / (c.mean(dim=(1, 2, 3), keepdim=True) + eps)
 
 
-def complexity_score(x: torch.Tensor, mode: ComplexityMode = "design") -> torch.Tensor:
+def complexity_score(x: torch.Tensor, mode: ComplexityMode) -> torch.Tensor:
     """One complexity number per image ``[B]``: what the adaptive sampler divides ``base_step_size`` by.
 
     - ``"design"``: the mean of the design's complexity map over each image (so it depends on the batch,

@@ -28,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "UNetConfig", "timestep_embedding"]
-
 
 @dataclass(frozen=True)
 class UNetConfig:

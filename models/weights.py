@@ -26,8 +26,6 @@ import torch
 
 from models.unet import UNet, UNetConfig
 
-__all__ = ["Layout", "WeightsError", "convert_state_dict", "ddpm_config_from_state_dict", "unet_config_from_diffusers"]
-
 Layout = Literal["ddpm", "diffusers"]
 
 # Our residual-block and attention parts, and their names in each layout.

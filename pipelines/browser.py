@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from tasks.files import atomic_path
+from tasks.common.files import atomic_path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 SIZE = (1440, 900)

@@ -20,8 +20,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pipelines.prefect_api import TemporaryServer, drain_reports
-from tasks.config import load_params
-from tasks.errors import UserError
+from tasks.common.config import load_params
+from tasks.common.errors import UserError
 
 
 def _version() -> str:
@@ -44,14 +44,21 @@ def _add_params_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _stage_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
-    return _add_params_args(subparsers.add_parser(name, help=help_text, description=help_text))
+def _stage_parsers(sub: argparse._SubParsersAction) -> None:
+    """One subcommand per stage of the table, with the stage's own options."""
+    from pipelines.stages import STAGES
+
+    for stage in STAGES.values():
+        parser = _add_params_args(sub.add_parser(stage.name, help=stage.help, description=stage.help))
+        for option in stage.options:
+            parser.add_argument(f"--{option.name}", type=option.type, required=True, help=option.help)
+        if stage.name == "evaluate":
+            paths_help = "two folders of images and/or .npz statistics (like pytorch_fid)"
+            parser.add_argument("paths", nargs="*", metavar="PATH", help=paths_help)
 
 
-def _number(text: str) -> int | float:
-    from tasks.sweep import number
-
-    return number(text)
+def _command_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    return _add_params_args(sub.add_parser(name, help=help_text, description=help_text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,31 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="on an error, print the full traceback before the one-line message"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _stage_parser(sub, "prepare", "download, import or synthesize the dataset (the data section)")
-    _stage_parser(sub, "train", "train the U-Net (the model, diffusion and train sections); resumes by default")
-    _stage_parser(sub, "sample", "generate images from model.pt (the sample section); resumes by default")
-    _stage_parser(sub, "reference", "Inception statistics of the prepared dataset, for FID (the evaluate section)")
-    evaluate = _stage_parser(
-        sub, "evaluate", "FID of the samples against the reference; or, given two paths, FID between them"
-    )
-    evaluate.add_argument(
-        "paths", nargs="*", metavar="PATH", help="two folders of images and/or .npz statistics (like pytorch_fid)"
-    )
-    pipeline = _stage_parser(
+    _stage_parsers(sub)
+    pipeline = _command_parser(
         sub, "pipeline", "run the DVC pipeline as the Prefect flow ddim-pipeline (only what changed reruns)"
     )
     pipeline.add_argument("targets", nargs="*", metavar="STAGE", help="stages to reproduce (default: evaluate)")
     pipeline.add_argument("--force", action="store_true", help="rerun the stages even if up to date")
-    sweep = _stage_parser(
+    sweep = _command_parser(
         sub, "sweep", "DDIM over the sweep section's steps x eta, an FID per cell, through DVC (only missing cells run)"
     )
     sweep.add_argument("--force", action="store_true", help="rerun every cell")
-    cell = _stage_parser(sub, "sweep-cell", "one cell of the sweep (a DVC stage of `ddim sweep`)")
-    cell.add_argument("--steps", type=int, required=True, help="DDIM steps")
-    cell.add_argument("--eta", type=_number, required=True, help="eta")
-    _stage_parser(sub, "sweep-table", "the sweep's table and FID-vs-NFE plot from its cells (a DVC stage)")
-    _stage_parser(sub, "reconstruct", "encode images to DDIM latents and back: error per step count (latent section)")
-    _stage_parser(sub, "interpolate", "decode slerp and lerp paths between DDIM latents into a grid (latent section)")
+    _other_parsers(sub)
+    return parser
+
+
+def _other_parsers(sub: argparse._SubParsersAction) -> None:
+    """The commands that are no stage: serving, reports, checkpoints, profiles, imports, FID weights."""
     serve = sub.add_parser(
         "serve",
         help="serve the ddim-pipeline flow on a cron schedule (a long-running process; no worker needed)",
@@ -95,12 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--cron", default="0 3 * * *", help="schedule, cron syntax (default: 03:00 daily)")
     serve.add_argument("--name", default="ddim-pipeline-served", help="deployment name")
-    _stage_parser(sub, "report", "where the pipeline's results are: FID, sample grid, MLflow run, UIs")
-    runs = _stage_parser(
+    _command_parser(sub, "report", "where the pipeline's results are: FID, sample grid, MLflow run, UIs")
+    runs = _command_parser(
         sub, "runs", "compare the MLflow experiment's runs: differing params, final loss, FID per sampling config"
     )
     runs.add_argument("--csv", metavar="FILE", help="also write the table as CSV ('-' for standard output)")
-    checkpoints = _stage_parser(
+    checkpoints = _command_parser(
         sub, "checkpoints", "list the training checkpoints, one folder per recipe; delete only what you name"
     )
     checkpoints.add_argument("--delete", nargs="+", metavar="RECIPE", default=[], help="delete these recipes' folders")
@@ -111,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         "profile",
         help="make params.yaml a profile of profiles/ (demo, cifar10, cifar10-ch64, cifar10-pretrained, celebahq)",
         description=(
-            "write a complete params.yaml: the defaults of tasks/config.py with profiles/NAME.yaml on top (a "
+            "write a complete params.yaml: the defaults of tasks/common/config.py with profiles/NAME.yaml on top (a "
             "profile lists only what differs from the defaults); `dvc params diff` shows the change"
         ),
     )
@@ -120,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--params", default="params.yaml", metavar="FILE", help="the file to write ('-': print it instead)"
     )
     profile.add_argument("--profiles", default="profiles", metavar="DIR", help="where profiles live")
-    importer = _stage_parser(
+    importer = _command_parser(
         sub, "import-model", "import released DDPM weights (diffusers folder or hub id, DDPM checkpoint) as model.pt"
     )
     importer.add_argument("source", metavar="SOURCE", help="e.g. google/ddpm-cifar10-32, or a folder or file")
@@ -134,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="convert, check and install the FID Inception weights into the torch hub cache",
     )
     fid_weights.add_argument("--force", action="store_true", help="convert again even if the weights are installed")
-    return parser
 
 
 class _NoTracebackOnConsole(logging.Filter):
@@ -150,7 +147,7 @@ class _NoTracebackOnConsole(logging.Filter):
 
 
 def _oom(error: BaseException) -> bool:
-    from tasks.errors import out_of_memory
+    from tasks.common.errors import out_of_memory
 
     return out_of_memory("", error) is not None
 
@@ -164,14 +161,14 @@ def _quiet_user_error_tracebacks() -> None:
 def run_stage(args: argparse.Namespace) -> int:
     """Run the Prefect flow of stage ``args.command`` and print its result as one JSON line."""
     from pipelines import flows
+    from pipelines.stages import STAGES
 
     if not args.debug:
         _quiet_user_error_tracebacks()
-    flow = getattr(flows, f"{args.command.replace('-', '_')}_flow")
-    extra = {k: getattr(args, k) for k in ("steps", "eta", "force") if hasattr(args, k)}
+    options = {o.name: getattr(args, o.name) for o in STAGES[args.command].options}
     flows.FINISHED.clear()
     try:
-        result = flow(params_file=args.params, overrides=args.overrides, **extra)
+        result = flows.FLOWS[args.command](params_file=args.params, overrides=args.overrides, options=options)
     except Exception as e:
         result = _outputs_despite_prefect(e, flows.FINISHED)
     print(json.dumps(result))
@@ -216,26 +213,27 @@ def _outputs_despite_prefect(error: Exception, finished: dict) -> dict:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     if args.paths:
-        from tasks.fid import EvaluationError, fid_between
+        from tasks.common.config import EvaluateConfig
+        from tasks.common.fid import EvaluationError, fid_between
 
         if len(args.paths) != 2:
             raise EvaluationError(f"give two paths (folders or .npz), got {len(args.paths)}")
-        cfg = load_params(args.params, args.overrides).evaluate if Path(args.params).is_file() else None
-        kwargs = {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers} if cfg else {}
-        result = fid_between([Path(p) for p in args.paths], device=_device(cfg), **kwargs)
+        cfg = load_params(args.params, args.overrides).evaluate if Path(args.params).is_file() else EvaluateConfig()
+        paths = [Path(p) for p in args.paths]
+        result = fid_between(paths, device=_device(cfg), batch_size=cfg.batch_size, num_workers=cfg.num_workers)
         print(f"FID: {result['fid']}")
         return 0
     return run_stage(args)
 
 
 def _device(cfg) -> str:
-    from tasks.devices import pick_device
+    from tasks.common.devices import pick_device
 
     return str(pick_device(cfg.device if cfg else "auto"))
 
 
 def run_fid_weights(args: argparse.Namespace) -> int:
-    from tasks.inception import install_fid_weights, weights_path
+    from tasks.common.inception import install_fid_weights, weights_path
 
     if weights_path().is_file() and not args.force:
         print(f"FID Inception weights already installed: {weights_path()}")
@@ -247,21 +245,18 @@ def run_fid_weights(args: argparse.Namespace) -> int:
 
 
 def run_import_model(args: argparse.Namespace) -> int:
-    from tasks.checkpoint import MODEL_FILE
-    from tasks.config import PathsConfig
-    from tasks.files import exclusive
-    from tasks.import_model import import_model
+    from tasks import import_model
+    from tasks.common.checkpoint import MODEL_FILE
+    from tasks.common.config import PathsConfig
 
     paths = load_params(args.params, args.overrides).paths if Path(args.params).is_file() else PathsConfig()
     out = Path(args.out) if args.out else Path(paths.train) / MODEL_FILE
-    with exclusive(out, "`ddim import-model`"):
-        result = import_model(args.source, out, Path(paths.raw) / "models", args.image_size)
-    print(json.dumps(result))
+    print(json.dumps(import_model.run(args.source, out, Path(paths.raw) / "models", args.image_size)))
     return 0
 
 
 def run_runs(args: argparse.Namespace) -> int:
-    from tasks.tracking import compare_runs
+    from tasks.common.tracking import compare_runs
 
     table = compare_runs(load_params(args.params, args.overrides).tracking)
     if args.csv == "-":
@@ -287,7 +282,7 @@ def run_runs(args: argparse.Namespace) -> int:
 def run_checkpoints(args: argparse.Namespace) -> int:
     """``ddim checkpoints``: the recipes under ``paths.checkpoints`` as a table; ``--delete`` removes only the
     recipes named (by folder name or id), ``--delete-older-than`` those last written before a date."""
-    from tasks import checkpoint as ck
+    from tasks.common import checkpoint as ck
 
     root = Path(load_params(args.params, args.overrides).paths.checkpoints)
     for line in ck.adopt_flat_checkpoints(root):
@@ -327,6 +322,15 @@ def run_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_sweep(args: argparse.Namespace) -> int:
+    from pipelines.flows import sweep_flow  # its cells, run by `dvc repro`, share this command's server
+
+    if not args.debug:
+        _quiet_user_error_tracebacks()
+    print(json.dumps(sweep_flow(force=args.force, overrides=args.overrides, params_file=args.params)))
+    return 0
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from prefect.client.schemas.schedules import CronSchedule
 
@@ -342,7 +346,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from pipelines.browser import MLFLOW_TRAINING_VIEW
-    from tasks.tracking import read_run_id, tracking_uri
+    from tasks.common.tracking import read_run_id, tracking_uri
 
     params = load_params(args.params, args.overrides)
     metrics_path = Path(params.paths.metrics)
@@ -369,13 +373,13 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 PARAMS_HEADER = """Every hyperparameter and path of the pipeline, one section per stage: the {name} profile.
-Written by `ddim profile {name}`: the defaults in tasks/config.py with profiles/{name}.yaml on top. Edit it
+Written by `ddim profile {name}`: the defaults in tasks/common/config.py with profiles/{name}.yaml on top. Edit it
 freely, or override one key for a run with `ddim <stage> --set section.key=value`."""
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from tasks.config import profile_params, render_params
-    from tasks.files import atomic_path
+    from tasks.common.config import profile_params, render_params
+    from tasks.common.files import atomic_path
 
     params = profile_params(args.name, args.profiles)  # a profile that does not validate never replaces params.yaml
     text = render_params(params, PARAMS_HEADER.format(name=args.name))
@@ -388,40 +392,21 @@ def run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+# The commands that are no stage; a stage (pipelines.stages.STAGES) runs its flow (run_stage), and so does
+# `ddim evaluate` unless it is given two paths.
 COMMANDS = {
-    "prepare": run_stage,
-    "train": run_stage,
-    "sample": run_stage,
-    "reference": run_stage,
     "evaluate": run_evaluate,
-    "fid-weights": run_fid_weights,
-    "import-model": run_import_model,
-    "runs": run_runs,
     "pipeline": run_pipeline,
+    "sweep": run_sweep,
     "serve": run_serve,
     "report": run_report,
-    "profile": run_profile,
+    "runs": run_runs,
     "checkpoints": run_checkpoints,
-    "sweep": run_stage,
-    "sweep-cell": run_stage,
-    "sweep-table": run_stage,
-    "reconstruct": run_stage,
-    "interpolate": run_stage,
+    "profile": run_profile,
+    "import-model": run_import_model,
+    "fid-weights": run_fid_weights,
 }
-
-
-STAGES = (
-    "prepare",
-    "train",
-    "sample",
-    "reference",
-    "pipeline",
-    "sweep",
-    "sweep-cell",
-    "sweep-table",
-    "reconstruct",
-    "interpolate",
-)
+DVC_FLOWS = ("pipeline", "sweep")  # commands whose flow runs `dvc repro`, which runs each stage's command
 
 
 OS_ERROR_FIXES = {
@@ -480,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
     # Prefect's client retries a call to an API that stopped answering 5 times (about a minute): 2 (seconds).
     os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
-    runs_a_flow = args.command in STAGES or (args.command == "evaluate" and not args.paths)
+    from pipelines.stages import STAGES
+
+    runs_a_flow = args.command in (*STAGES, *DVC_FLOWS) and not getattr(args, "paths", None)
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if runs_a_flow else None
     try:
         server = TemporaryServer.launch() if runs_a_flow else None  # it boots while we check and import
@@ -489,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             import pipelines.flows  # noqa: F401 - Prefect and the stages, imported while the server boots
         if server is not None:
             server.wait()
-        return COMMANDS[args.command](args)
+        return COMMANDS.get(args.command, run_stage)(args)
     except UserError as e:
         return _end(args, 1, f"error: {e}")
     except KeyboardInterrupt:
@@ -499,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         return _end(args, 143, "stopped by SIGTERM: rerun the same command to finish")
     except Exception as e:  # a device out of memory is the user's to fix too; anything else is a bug: raise
-        from tasks.errors import out_of_memory
+        from tasks.common.errors import out_of_memory
 
         if (error := out_of_memory(args.command, e)) is None:
             raise

@@ -1,25 +1,31 @@
-"""Prefect flows: one per pipeline stage. Each flow only orchestrates; the work is in ``tasks/``.
+"""Prefect flows: one per stage of :data:`pipelines.stages.STAGES` (:data:`FLOWS`, all made by
+:func:`stage_flow`), and the two that run DVC (``ddim pipeline``, ``ddim sweep``). A flow only orchestrates:
+the work is in ``tasks/<stage>.py``.
 
-A flow takes the params file and ``--set`` style overrides as its parameters, so a deployment or a UI run
-can change any param the way the CLI does. Tasks that write files opt out of Prefect's result cache
-(``NO_CACHE``): DVC decides what is up to date. Each stage's flow holds an exclusive lock on its output while
-it runs (``tasks.files.exclusive``): a second run on the same output stops at once, naming the first.
+A stage's flow takes the params file and ``--set`` style overrides as its parameters (and the stage's options,
+such as a sweep cell's steps and eta), so a deployment or a UI run can change any param the way the CLI does.
+It holds an exclusive lock on the stage's output while it runs (``tasks.common.files.exclusive``): a second run
+on the same output stops at once, naming the first. Its task runs the stage in this process, or under
+``torchrun`` (:func:`launch`); tasks that write files opt out of Prefect's result cache: DVC decides what is up
+to date.
 
-A Prefect API that stops answering during a stage does not stop the work: the training progress is sent from
-a background thread (:class:`ProgressArtifact`), and each stage's task hands its result to :data:`FINISHED`
-as soon as its outputs are complete, where the CLI finds it when Prefect fails afterwards (the task's end
-state, the artifacts) and ends the command with a warning and exit status 0.
+A Prefect API that stops answering during a stage does not stop the work: progress is sent from a background
+thread (:class:`ProgressArtifact`), and each stage's task hands its result to :data:`FINISHED` as soon as its
+outputs are complete, where the CLI finds it when Prefect fails afterwards (the task's end state, the
+artifacts) and ends the command with a warning and exit status 0.
+
+Prefect reads ``PREFECT_API_URL`` once, when it is first imported: import this module only after
+``pipelines.prefect_api.TemporaryServer.launch`` (which refuses to start a server once Prefect is imported).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +39,13 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import CIFAR10_URL, DataConfig, Params, TrainConfig, load_params
-from tasks.data import CIFAR10_MD5, cifar10_archive_path, download, prepare_dataset
-from tasks.dataset import dataset_dir
-from tasks.errors import UserError
-from tasks.evaluate import evaluate_samples
-from tasks.fid import reference_path
-from tasks.files import exclusive
-from tasks.interpolate import run_interpolate
-from tasks.reconstruct import run_reconstruct
-from tasks.reference import compute_reference
-from tasks.sample import run_sampling
-from tasks.sweep import COLUMNS as SWEEP_COLUMNS
-from tasks.sweep import cell_name, run_cell, table_rows, write_table
-from tasks.tracking import read_run_id
-from tasks.train import train
+from pipelines.stages import STAGES, Artifact, Stage, sweep_rows
+from tasks.common.config import TrainConfig, load_params
+from tasks.common.errors import UserError
+from tasks.common.files import exclusive
+from tasks.common.tracking import read_run_id
+from tasks.prepare import download
+from tasks.sweep_table import table_rows
 
 
 class PipelineError(UserError):
@@ -55,21 +53,6 @@ class PipelineError(UserError):
 
 
 FINISHED: dict[str, Any] = {}  # "result": the result of the stage whose outputs are complete (one per command)
-
-
-def stage_task(name: str) -> Callable[[Callable[..., Any]], Any]:
-    """``@task(name=name)`` without Prefect's result cache (DVC decides what is up to date), whose return value is
-    also kept in :data:`FINISHED`: the stage's outputs are complete, whatever Prefect can still record."""
-
-    def decorate(fn: Callable[..., Any]) -> Any:
-        @functools.wraps(fn)
-        def remembered(*args: Any, **kwargs: Any) -> Any:
-            FINISHED["result"] = result = fn(*args, **kwargs)
-            return result
-
-        return task(name=name, cache_policy=NO_CACHE)(remembered)
-
-    return decorate
 
 
 class ProgressArtifact:
@@ -117,8 +100,8 @@ def run_name() -> str:
         name = f"{flow_run.flow_name}-{load_params(args.get('params_file', 'params.yaml'), overrides).data.name}"
     except UserError:  # bad params: the flow itself reports them
         name = flow_run.flow_name
-    extra = [f"{k}={args[k]}" for k in ("steps", "eta") if k in args] + overrides + list(args.get("targets") or [])
-    return " ".join([name, *extra])
+    options = [f"{k}={v}" for k, v in (args.get("options") or {}).items()]
+    return " ".join([name, *options, *overrides, *(args.get("targets") or [])])
 
 
 def _retryable(_task: Any, _task_run: Any, state: Any) -> bool:
@@ -127,53 +110,26 @@ def _retryable(_task: Any, _task_run: Any, state: Any) -> bool:
 
 
 @task(
-    name="download-cifar10",
+    name="download",
     cache_policy=NO_CACHE,
     retries=3,
     retry_delay_seconds=[10, 60, 300],
     retry_condition_fn=_retryable,
 )
-def download_task(url: str, dest: Path, md5: str = CIFAR10_MD5) -> Path:
+def download_task(url: str, dest: Path, md5: str) -> Path:
     return download(url, dest, md5)
 
 
-@stage_task("prepare-dataset")
-def prepare_task(data: DataConfig, paths: Any, archive: Path | None) -> dict[str, Any]:
-    return prepare_dataset(data, paths, archive=archive)
-
-
-def manifest_markdown(manifest: dict[str, Any], where: Path) -> str:
-    return _table(
-        "Prepared dataset",
-        {
-            "dataset": f"`{where}`",
-            "source": manifest["source"] + (f" ({manifest['split']})" if manifest.get("split") else ""),
-            "images": f"{manifest['count']:,} x {manifest['height']}x{manifest['width']}x{manifest['channels']}",
-            "skipped": manifest["skipped"],
-            "sha256": f"`{manifest['sha256']}`",
-            "preview": f"`{where / 'preview.png'}`",
-        },
-    )
-
-
-@flow(
-    name="prepare",
-    description="Download, import or synthesize the dataset into data/prepared/<name>.",
-    flow_run_name=run_name,
-)
-def prepare_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    params = load_params(params_file, overrides)
-    data, paths = params.data, params.paths
-    with exclusive(dataset_dir(data, paths), "`ddim prepare`"):
-        archive = None
-        if data.source == "cifar10" and data.archive is None:
-            archive = download_task(data.url or CIFAR10_URL, cifar10_archive_path(paths))
-        manifest = prepare_task(data, paths, archive)
-    where = Path(paths.prepared) / data.name
-    create_markdown_artifact(
-        key="dataset-manifest", markdown=manifest_markdown(manifest, where), description=f"prepare {data.name}"
-    )
-    return manifest
+def stream(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run ``cmd``, each line it prints going to the flow's log; return its exit status."""
+    logger = get_run_logger()
+    logger.info("$ %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip():
+            logger.info(line.rstrip())
+    return proc.wait()
 
 
 def torchrun_launcher(nproc: int, train: TrainConfig | None = None) -> list[str]:
@@ -186,152 +142,72 @@ def torchrun_launcher(nproc: int, train: TrainConfig | None = None) -> list[str]
     return [*launcher, f"--nnodes={train.nnodes}", *rendezvous, f"--max-restarts={train.max_restarts}"]
 
 
-def run_ranks(module: str, params_file: str, overrides: list[str], launcher: list[str], args: list[str] = ()) -> Any:
-    """Run ``python -m module`` under ``launcher`` (torchrun), its output streamed into the flow's log; return
-    rank 0's result (its last output line, JSON; ``{}`` on the other machines of a multi-node job, where rank 0
-    does not run). A failure raises the ranks' own error line."""
-    logger = get_run_logger()
+def run_ranks(
+    stage: Stage, params_file: str, overrides: list[str], options: dict[str, Any], launcher: list[str]
+) -> Any:
+    """Run the stage's ranks (``python -m pipelines.ranks``) under ``launcher``, their output streamed into the
+    flow's log; return the result rank 0 wrote to the file named here (``{}`` on the other machines of a
+    multi-node job, where rank 0 does not run). A failure raises the ranks' own error line."""
     sets = [arg for item in overrides for arg in ("--set", item)]
-    proc = subprocess.Popen(
-        [*launcher, "-m", module, *args, "--params", params_file, *sets],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    last_line, error = "", None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        logger.info(line.rstrip())
-        last_line = line.strip() or last_line
-        error = line.split(": error: ", 1)[1].strip() if line.startswith("ddim ") and ": error: " in line else error
-    if proc.wait() != 0:
-        raise PipelineError(error or f"{' '.join(launcher[2:])} failed (exit {proc.returncode}): see the log")
-    return json.loads(last_line) if last_line.startswith("{") else {}
+    flags = [arg for name, value in options.items() for arg in (f"--{name}", str(value))]
+    with tempfile.TemporaryDirectory(prefix=f"ddim-{stage.name}-") as folder:
+        result_file = Path(folder) / "result.json"
+        command = [*launcher, "-m", "pipelines.ranks", stage.name, "--result", str(result_file), *flags]
+        status = stream([*command, "--params", params_file, *sets])
+        answer = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if status != 0:
+        raise PipelineError(answer.get("error") or f"{' '.join(launcher[2:])} failed (exit {status}): see the log")
+    return answer
 
 
-@stage_task("train-model")
-def train_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
+def launch(stage: Stage, params_file: str, overrides: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    """Run ``stage`` in this process, or under ``torchrun`` when its section asks for more processes."""
     params = load_params(params_file, overrides)
-    if params.train.nproc_per_node > 1 or params.train.nnodes > 1:  # one rank per process under torchrun
-        launcher = torchrun_launcher(params.train.nproc_per_node, params.train)
-        return run_ranks("tasks.train", params_file, overrides, launcher)
-    progress = ProgressArtifact("training-progress", "training steps done (%)")
+    section = getattr(params, stage.ranks) if stage.ranks else None
+    if section is not None and (section.nproc_per_node > 1 or getattr(section, "nnodes", 1) > 1):
+        train = section if isinstance(section, TrainConfig) else None
+        return run_ranks(stage, params_file, overrides, options, torchrun_launcher(section.nproc_per_node, train))
+    if stage.progress is None:
+        return stage.run(params, **options)
+    progress = ProgressArtifact(stage.progress, f"{stage.name}: done (%)")
     try:
-        return train(params, progress=lambda step, total, _metrics: progress.update(100.0 * step / total))
+        return stage.run(params, **options, progress=lambda done, total, *_: progress.update(100.0 * done / total))
     finally:
         progress.close()
 
 
-@flow(
-    name="train",
-    description="Train the U-Net with the complexity-weighted loss; EMA weights to model.pt.",
-    flow_run_name=run_name,
-)
-def train_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    with exclusive(load_params(params_file, overrides).paths.train, "`ddim train`"):
-        summary = train_task(params_file, list(overrides or []))
-    keys = ["step", "resumed_from", "loss", "mse", "complexity_term", "images_per_s", "model", "mlflow_run_id"]
-    create_markdown_artifact(
-        key="training-summary", markdown=_table("Training", {k: summary.get(k) for k in keys}), description="train"
-    )
-    return summary
+def publish(key: str, artifact: Artifact) -> None:
+    if artifact.table is not None:
+        create_table_artifact(key=key, table=artifact.table, description=artifact.description)
+    else:
+        create_markdown_artifact(key=key, markdown=artifact.markdown, description=artifact.description)
 
 
-@stage_task("sample-images")
-def sample_task(params_file: str, overrides: list[str]) -> dict[str, Any]:
-    params = load_params(params_file, overrides)
-    if params.sample.nproc_per_node > 1:
-        return run_ranks("tasks.sample", params_file, overrides, torchrun_launcher(params.sample.nproc_per_node))
-    return run_sampling(params)
+def stage_flow(stage: Stage) -> Any:
+    """The Prefect flow of ``stage``: lock its output, download what it needs, run its task, publish."""
+
+    @task(name=stage.task, cache_policy=NO_CACHE)
+    def work(params_file: str, overrides: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        FINISHED["result"] = result = launch(stage, params_file, overrides, options)
+        return result  # kept in FINISHED too: the stage's outputs are complete, whatever Prefect can still record
+
+    @flow(name=stage.name, description=stage.help, flow_run_name=run_name)
+    def run_stage(
+        params_file: str = "params.yaml", overrides: list[str] | None = None, options: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        overrides, options = list(overrides or []), dict(options or {})
+        params = load_params(params_file, overrides)
+        with exclusive(stage.locks(params, **options), f"`ddim {stage.name}`"):
+            if stage.fetch is not None and (wanted := stage.fetch(params)) is not None:
+                options["archive"] = download_task(*wanted)
+            result = work(params_file, overrides, options)
+        publish(stage.artifact, stage.publish(result, params))
+        return result
+
+    return run_stage
 
 
-@flow(
-    name="sample",
-    description="Generate images from model.pt with DDIM or the adaptive sampler.",
-    flow_run_name=run_name,
-)
-def sample_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    with exclusive(load_params(params_file, overrides).paths.samples, "`ddim sample`"):
-        stats = sample_task(params_file, list(overrides or []))
-    create_markdown_artifact(key="sampling-summary", markdown=_table("Sampling", stats), description="sample")
-    return stats
-
-
-@stage_task("reference-statistics")
-def reference_task(params: Params) -> dict[str, Any]:
-    return compute_reference(params)
-
-
-@flow(name="reference", description="Inception statistics of the prepared dataset, for FID.", flow_run_name=run_name)
-def reference_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    params = load_params(params_file, overrides)
-    with exclusive(reference_path(params), "`ddim reference`"):
-        result = reference_task(params)
-    create_markdown_artifact(key="reference-statistics", markdown=_table("FID reference", result))
-    return result
-
-
-@stage_task("fid")
-def evaluate_task(params: Params) -> dict[str, Any]:
-    return evaluate_samples(params)
-
-
-@flow(
-    name="evaluate",
-    description="FID of the samples against the reference statistics; metrics.json.",
-    flow_run_name=run_name,
-)
-def evaluate_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    params = load_params(params_file, overrides)
-    with exclusive(params.paths.metrics, "`ddim evaluate`"):
-        metrics = evaluate_task(params)
-    keys = ["fid", "num_samples", "sampler", "steps", "eta", "spacing", "nfe", "reference_count"]
-    create_table_artifact(key="fid", table=[{k: metrics[k] for k in keys}], description="FID of this sampling config")
-    return metrics
-
-
-@stage_task("sweep-cell")
-def sweep_cell_task(params_file: str, overrides: list[str], steps: int, eta: int | float) -> dict[str, Any]:
-    params = load_params(params_file, overrides)
-    if params.sweep.nproc_per_node > 1:
-        cell_args = ["--steps", str(steps), "--eta", str(eta)]
-        return run_ranks(
-            "tasks.sweep", params_file, overrides, torchrun_launcher(params.sweep.nproc_per_node), cell_args
-        )
-    return run_cell(params, steps, eta)
-
-
-@flow(
-    name="sweep-cell",
-    description="One cell of the DDIM sweep: sample and score steps x eta in one pass.",
-    flow_run_name=run_name,
-)
-def sweep_cell_flow(
-    params_file: str = "params.yaml", overrides: list[str] | None = None, steps: int = 100, eta: int | float = 0.0
-) -> dict[str, Any]:
-    output = Path(load_params(params_file, overrides).paths.sweep) / f"cell-{cell_name(steps, eta)}"
-    with exclusive(output, "`ddim sweep-cell`"):
-        cell = sweep_cell_task(params_file, list(overrides or []), steps, eta)
-    create_markdown_artifact(key="sweep-cell", markdown=_table(f"Sweep cell {cell_name(steps, eta)}", cell))
-    return cell
-
-
-def _publish_sweep_table(cells: list[dict[str, Any]]) -> None:
-    rows = [{k: v for k, v in cell.items() if k in SWEEP_COLUMNS} for cell in cells]
-    create_table_artifact(key="sweep-table", table=rows, description="DDIM sweep: FID per steps x eta")
-
-
-@flow(
-    name="sweep-table",
-    description="The sweep's table (csv, markdown) and FID-vs-NFE plot from its cells.",
-    flow_run_name=run_name,
-)
-def sweep_table_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    params = load_params(params_file, overrides)
-    with exclusive(Path(params.paths.sweep) / "table", "`ddim sweep-table`"):
-        FINISHED["result"] = result = write_table(params)
-    _publish_sweep_table(result["cells"])
-    return result
+FLOWS: dict[str, Any] = {name: stage_flow(stage) for name, stage in STAGES.items()}
 
 
 @flow(
@@ -340,52 +216,11 @@ def sweep_table_flow(params_file: str = "params.yaml", overrides: list[str] | No
     flow_run_name=run_name,
 )
 def sweep_flow(force: bool = False, overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:
-    _stream(dvc_command(["sweep-table"], force, list(overrides or [])))
+    run_dvc(dvc_command(["sweep-table"], force, list(overrides or [])))
     params = load_params(params_file)  # as DVC left it (an experiment's --set values included)
     cells = table_rows(params)
-    _publish_sweep_table(cells)
+    publish("sweep-table", sweep_rows(cells))
     return {"table": str(Path(params.paths.sweep) / "table.md"), "cells": len(cells)}
-
-
-@stage_task("reconstruct-images")
-def reconstruct_task(params: Params) -> dict[str, Any]:
-    return run_reconstruct(params)
-
-
-@flow(
-    name="reconstruct",
-    description="DDIM section 5.4: encode images to x_T, decode them, the error per step count.",
-    flow_run_name=run_name,
-)
-def reconstruct_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    params = load_params(params_file, overrides)
-    with exclusive(Path(params.paths.latent) / "reconstruct", "`ddim reconstruct`"):
-        result = reconstruct_task(params)
-    create_table_artifact(key="reconstruction", table=result["rows"], description="reconstruction error per S")
-    return result
-
-
-@stage_task("interpolate-latents")
-def interpolate_task(params: Params) -> dict[str, Any]:
-    return run_interpolate(params)
-
-
-@flow(
-    name="interpolate",
-    description="DDIM section 5.3: decode slerp and lerp paths between latents into a grid.",
-    flow_run_name=run_name,
-)
-def interpolate_flow(params_file: str = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    params = load_params(params_file, overrides)
-    with exclusive(Path(params.paths.latent) / "interpolation", "`ddim interpolate`"):
-        result = interpolate_task(params)
-    create_markdown_artifact(key="interpolation", markdown=_table("Interpolation", {"grid": f"`{result['grid']}`"}))
-    return result
-
-
-def _table(title: str, values: dict[str, Any]) -> str:
-    rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in values.items()]
-    return "\n".join([f"# {title}", "", "| | |", "|---|---|", *rows])
 
 
 def _venv_env() -> dict[str, str]:
@@ -394,17 +229,10 @@ def _venv_env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def _stream(cmd: list[str]) -> None:
-    """Run ``cmd``, sending each output line to the flow's log; raise if it fails."""
-    logger = get_run_logger()
-    logger.info("$ %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_venv_env())
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip():
-            logger.info(line.rstrip())
-    if proc.wait() != 0:
-        raise PipelineError(f"`{' '.join(cmd)}` failed with exit status {proc.returncode}: see the log above")
+def run_dvc(cmd: list[str]) -> None:
+    """Run a DVC command with this interpreter's tools on PATH, its output in the flow's log; raise if it fails."""
+    if (status := stream(cmd, env=_venv_env())) != 0:
+        raise PipelineError(f"`{' '.join(cmd)}` failed with exit status {status}: see the log above")
 
 
 def _dvc() -> str:
@@ -433,7 +261,7 @@ def pipeline_flow(
     params_file: str = "params.yaml",
     mlflow_ui: str = "http://127.0.0.1:5000",
 ) -> dict[str, Any]:
-    _stream(dvc_command(list(targets or []), force, list(overrides or [])))
+    run_dvc(dvc_command(list(targets or []), force, list(overrides or [])))
     shown = subprocess.run(
         [_dvc(), "metrics", "show", "--json"],
         capture_output=True,

@@ -26,7 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tasks.errors import UserError
+from tasks.common.errors import UserError
 
 PR_SET_PDEATHSIG = 1
 
@@ -46,6 +46,14 @@ def running_ui_api() -> str | None:
             return url if response.status == 200 else None
     except (OSError, ValueError):  # no UI started here, or it has stopped
         return None
+
+
+def use_api(url: str) -> None:
+    """Point Prefect, and every command started from here, at ``url``. Prefect reads ``PREFECT_API_URL`` once,
+    when it is first imported: this fails loudly if it is already imported (it would report elsewhere)."""
+    if "prefect" in sys.modules:
+        raise RuntimeError(f"Prefect was imported before its API URL ({url}) was set: import pipelines.flows later")
+    os.environ["PREFECT_API_URL"] = url  # children inherit it
 
 
 def _own_session_tied_to_parent(parent: int) -> None:
@@ -110,7 +118,7 @@ class TemporaryServer:
         process = _start_server(port)
         atexit.register(_stop, process)  # at exit, after Prefect's own handlers (registered later) have run
         url = f"http://127.0.0.1:{port}/api"
-        os.environ["PREFECT_API_URL"] = url  # Prefect reads it once, when it is imported; children inherit it
+        use_api(url)
         return process, url
 
     @classmethod
@@ -120,17 +128,19 @@ class TemporaryServer:
         if os.environ.get("PREFECT_API_URL"):
             return None
         if ui_api := running_ui_api():
-            os.environ["PREFECT_API_URL"] = ui_api  # report where the UI shows the runs
+            use_api(ui_api)  # report where the UI shows the runs
             return None
         return cls() if sys.platform.startswith("linux") else None
 
     def wait(self) -> str:
         """The server's API URL once it answers; call before Prefect is imported."""
         timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 20))
-        for _ in range(3):  # another process may take the free port before the server binds it
-            if _wait_healthy(self.process, self.url, timeout):
+        for _ in range(3):  # another process may take the free port before the server binds it: try another,
+            if _wait_healthy(self.process, self.url, timeout):  # unless Prefect has read this one already
                 return self.url
             _stop(self.process)
+            if "prefect" in sys.modules:
+                break
             self.process, self.url = self._spawn()
         raise PrefectServerError(
             f"the temporary Prefect server did not start in {timeout:g} s: raise "

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Params
-from tasks.devices import pick_device
-from tasks.fid import (
+from tasks.common.config import Params
+from tasks.common.devices import pick_device
+from tasks.common.fid import (
     EvaluationError,
     ImageFiles,
     frechet_distance,
@@ -21,12 +21,12 @@ from tasks.fid import (
     statistics,
     warn_if_biased,
 )
-from tasks.files import write_json
-from tasks.inception import load_inception
-from tasks.tracking import log_evaluation, read_run_id
+from tasks.common.files import write_json
+from tasks.common.inception import load_inception
+from tasks.common.tracking import log_evaluation, read_run_id
 
 
-def evaluate_samples(params: Params) -> dict[str, Any]:
+def run(params: Params) -> dict[str, Any]:
     """FID of the generated images against the reference; writes the metrics file and an MLflow child run.
 
     What the images are (sampler, steps, eta, ...) comes from the samples folder's own record of how they were

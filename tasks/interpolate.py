@@ -18,30 +18,21 @@ import numpy as np
 import torch
 
 from models.diffusion import ddim_encode, ddim_sample, ddim_timesteps, lerp, slerp
-from tasks.config import Params
-from tasks.dataset import first_images
-from tasks.devices import pick_device, set_precision
-from tasks.errors import UserError
-from tasks.files import write_json
-from tasks.images import from_uint8, make_grid, save_png, to_uint8
-from tasks.sampling import batches, load_for_sampling
-from tasks.seeds import derive_seed
-from tasks.tracking import log_child_run, read_run_id
+from tasks.common.config import Params
+from tasks.common.dataset import first_images
+from tasks.common.devices import pick_device
+from tasks.common.errors import UserError
+from tasks.common.files import write_json
+from tasks.common.images import from_uint8, make_grid, save_png, to_uint8
+from tasks.common.inference import load_inference
+from tasks.common.seeds import derive_seed
+from tasks.common.tracking import log_child_run, read_run_id
 
 PATHS = {"slerp": slerp, "lerp": lerp}
 
 
 class InterpolationError(UserError):
     """The interpolation cannot be made."""
-
-
-def run_batched(fn: Any, x: torch.Tensor, batch_size: int, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """``fn`` over ``x`` in batches of ``batch_size`` (on ``x``'s device, under autocast when asked), float32."""
-    out = []
-    for indices in batches(list(range(len(x))), batch_size):
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out.append(fn(x[indices]).float())
-    return torch.cat(out)
 
 
 def endpoints(params: Params, encode: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,29 +48,27 @@ def endpoints(params: Params, encode: Any, device: torch.device) -> tuple[torch.
     return z[0::2], z[1::2]
 
 
-def run_interpolate(params: Params) -> dict[str, Any]:
+def run(params: Params) -> dict[str, Any]:
     """Decode slerp and lerp paths between the pairs' latents into one grid; write it and its record."""
     cfg = params.latent
-    device = pick_device(params.sample.device)
-    model, alphas_cumprod = load_for_sampling(params, device)
-    amp_dtype, precision = set_precision(params.sample.precision, device)
+    net = load_inference(params, pick_device(params.sample.device))
+    device, precision = net.device, net.precision
     timesteps = ddim_timesteps(params.diffusion.num_train_steps, cfg.interpolate_steps, cfg.spacing)
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        return run_batched(lambda b: ddim_encode(model, b, alphas_cumprod, timesteps), x, cfg.batch_size, amp_dtype)
+        return net.map(lambda b: ddim_encode(net.model, b, net.alphas_cumprod, timesteps), x, cfg.batch_size, None)
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return ddim_sample(net.model, z, net.alphas_cumprod, timesteps, 0.0, cfg.clip_x0)
+
+    def broken(indices: list[int]) -> InterpolationError:
+        return InterpolationError("the decoded images came out NaN or infinite: try sample.precision=fp32")
 
     z_0, z_1 = endpoints(params, encode, device)
     weights = np.linspace(0.0, 1.0, cfg.frames)
     rows = [(k, kind) for k in range(cfg.pairs) for kind in PATHS]
     latents = torch.cat([PATHS[kind](z_0[k : k + 1], z_1[k : k + 1], t) for k, kind in rows for t in weights])
-    decoded = run_batched(
-        lambda b: ddim_sample(model, b, alphas_cumprod, timesteps, 0.0, cfg.clip_x0),
-        latents,
-        cfg.batch_size,
-        amp_dtype,
-    )
-    if not torch.isfinite(decoded).all():
-        raise InterpolationError("the decoded images came out NaN or infinite: try sample.precision=fp32")
+    decoded = net.map(decode, latents, cfg.batch_size, broken)
     out = Path(params.paths.latent)
     save_png(make_grid(to_uint8(decoded), nrow=cfg.frames), out / "interpolation.png")
     norms = latents.flatten(1).norm(dim=1).view(len(rows), cfg.frames) / np.sqrt(latents[0].numel())

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from models.diffusion import ddim_reconstruct, ddim_timesteps
-from tasks.config import Params
-from tasks.dataset import first_images
-from tasks.devices import pick_device, set_precision
-from tasks.errors import UserError
-from tasks.files import atomic_path, markdown_table, write_json
-from tasks.images import from_uint8, make_grid, save_png, to_uint8
-from tasks.sampling import batches, load_for_sampling
-from tasks.tracking import log_child_run, read_run_id
+from tasks.common.config import Params
+from tasks.common.dataset import first_images
+from tasks.common.devices import pick_device
+from tasks.common.errors import UserError
+from tasks.common.files import atomic_path, markdown_table, write_json
+from tasks.common.images import from_uint8, make_grid, save_png, to_uint8
+from tasks.common.inference import InferenceModel, load_inference
+from tasks.common.tracking import log_child_run, read_run_id
 
 # DDIM (Song et al. 2021), Table 2: reconstruction error per dimension on CIFAR-10's test set, as printed.
 PAPER_MSE = {10: 0.014, 20: 0.0065, 50: 0.0023, 100: 0.0009, 200: 0.0004, 500: 0.0001, 1000: 0.0001}
@@ -40,26 +40,19 @@ class ReconstructionError(UserError):
 
 
 def reconstruct(
-    model: torch.nn.Module,
-    alphas_cumprod: torch.Tensor,
-    images: np.ndarray,
-    timesteps: torch.Tensor,
-    clip_x0: bool,
-    batch_size: int,
-    amp_dtype: torch.dtype | None,
+    net: InferenceModel, images: np.ndarray, timesteps: torch.Tensor, clip_x0: bool, batch_size: int
 ) -> tuple[np.ndarray, torch.Tensor]:
     """Each image's per-dimension squared error ``[N]`` (float64) and the first reconstructions (CPU)."""
-    device = next(model.parameters()).device
+
+    def encode_decode(x_0: torch.Tensor) -> torch.Tensor:
+        return ddim_reconstruct(net.model, x_0, net.alphas_cumprod, timesteps, clip_x0)[0]
+
+    def broken(indices: list[int]) -> ReconstructionError:
+        where = f"images {indices[0]}..{indices[-1]}"
+        return ReconstructionError(f"{where} decoded to NaN or infinity: try sample.precision=fp32")
+
     errors, kept = [], []
-    for indices in batches(list(range(len(images))), batch_size):
-        x_0 = from_uint8(images[indices]).to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            x_rec, _ = ddim_reconstruct(model, x_0, alphas_cumprod, timesteps, clip_x0)
-        x_rec = x_rec.float()
-        if not torch.isfinite(x_rec).all():
-            raise ReconstructionError(
-                f"images {indices[0]}..{indices[-1]} decoded to NaN or infinity: try sample.precision=fp32"
-            )
+    for x_0, x_rec in net.in_batches(encode_decode, from_uint8(images), batch_size, broken):
         errors.append(((x_rec.double() - x_0.double()) ** 2).mean(dim=(1, 2, 3)).cpu().numpy())
         kept.append(x_rec[: max(0, GRID_IMAGES - sum(len(k) for k in kept))].cpu())
     return np.concatenate(errors), torch.cat(kept)
@@ -71,19 +64,17 @@ def paper_mse(manifest: dict[str, Any], steps: int) -> float | None:
     return PAPER_MSE.get(steps) if applies else None
 
 
-def run_reconstruct(params: Params) -> dict[str, Any]:
+def run(params: Params) -> dict[str, Any]:
     """Reconstruction error for each S of ``latent.steps``; writes the table, plot data, grid and metrics."""
     cfg = params.latent
     root = Path(params.paths.prepared) / (cfg.dataset or params.data.name)
     images, manifest = first_images(root, cfg.num_images, params.data.image_size)
-    device = pick_device(params.sample.device)
-    model, alphas_cumprod = load_for_sampling(params, device)
-    amp_dtype, precision = set_precision(params.sample.precision, device)
+    net = load_inference(params, pick_device(params.sample.device))
     rows, grid = [], [images[:GRID_IMAGES]]
     for steps in cfg.steps:
         timesteps = ddim_timesteps(params.diffusion.num_train_steps, steps, cfg.spacing)
         start = time.perf_counter()
-        errors, shown = reconstruct(model, alphas_cumprod, images, timesteps, cfg.clip_x0, cfg.batch_size, amp_dtype)
+        errors, shown = reconstruct(net, images, timesteps, cfg.clip_x0, cfg.batch_size)
         rows.append(
             {
                 "steps": steps,
@@ -97,7 +88,8 @@ def run_reconstruct(params: Params) -> dict[str, Any]:
             }
         )
         grid.append(to_uint8(shown))
-    return write_outputs(params, rows, np.concatenate(grid), manifest, {"device": str(device), "precision": precision})
+    run = {"device": str(net.device), "precision": net.precision}
+    return write_outputs(params, rows, np.concatenate(grid), manifest, run)
 
 
 def write_outputs(

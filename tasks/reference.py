@@ -5,14 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tasks.config import Params
-from tasks.dataset import PreparedDataset, dataset_dir
-from tasks.devices import pick_device
-from tasks.fid import UInt8Images, inception_features, reference_path, save_stats, statistics
-from tasks.inception import load_inception
+from tasks.common.config import Params
+from tasks.common.dataset import PreparedDataset, dataset_dir
+from tasks.common.devices import pick_device
+from tasks.common.fid import UInt8Images, inception_features, reference_path, save_stats, statistics
+from tasks.common.inception import load_inception
 
 
-def compute_reference(params: Params) -> dict[str, Any]:
+def run(params: Params) -> dict[str, Any]:
     """Inception statistics of the prepared training set (all of it, or ``evaluate.reference_count``)."""
     cfg = params.evaluate
     dataset = PreparedDataset(dataset_dir(params.data, params.paths))

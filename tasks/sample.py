@@ -1,6 +1,6 @@
 """The sample stage: generate ``sample.num_samples`` images from ``model.pt`` with DDIM or the adaptive sampler.
 
-Image i starts from noise seeded by (``sample.seed``, i) (``tasks/sampling.py``): it is the same image whatever
+Image i starts from noise seeded by (``sample.seed``, i) (``tasks/common/inference.py``): it is the same image whatever
 the batch size, the device, or how many processes draw the images (``sample.nproc_per_node > 1``: ``ddim
 sample`` runs ``torchrun``, and rank r of W draws images r, r + W, ...). Output in ``paths.samples``:
 
@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from tasks.checkpoint import MODEL_FILE
-from tasks.config import Params, SampleConfig
-from tasks.devices import pick_device, set_precision
-from tasks.distributed import Ranks, rank_main
-from tasks.errors import UserError
-from tasks.files import atomic_path, file_hash, foreign_entries, write_json
-from tasks.images import make_grid, read_png, save_png, to_uint8
-from tasks.progress import progress_bar
-from tasks.sampling import batches, load_for_sampling, sample_images
+from tasks.common.checkpoint import MODEL_FILE
+from tasks.common.config import Params, SampleConfig
+from tasks.common.devices import pick_device
+from tasks.common.distributed import Ranks
+from tasks.common.errors import UserError
+from tasks.common.files import atomic_path, file_hash, foreign_entries, write_json
+from tasks.common.images import make_grid, read_png, save_png, to_uint8
+from tasks.common.inference import InferenceModel, batches, load_inference
+from tasks.common.progress import progress_bar
 
 IMAGES = "images"
 OWN_FILES = re.compile(r"config\.json|sample_stats\.json|grid\.png|nfe\.rank\d+\.npy|\..+\.tmp")
@@ -129,13 +127,7 @@ def delete_own_files(out: Path) -> None:
 
 
 def generate(
-    model: torch.nn.Module,
-    alphas_cumprod: torch.Tensor,
-    cfg: SampleConfig,
-    out: Path,
-    ranks: Ranks,
-    amp_dtype: torch.dtype | None,
-    stop_after_batches: int | None = None,
+    net: InferenceModel, cfg: SampleConfig, out: Path, ranks: Ranks, stop_after_batches: int | None = None
 ) -> int:
     """Write this process's missing images batch by batch (and their NFE); return how many it made.
 
@@ -149,7 +141,7 @@ def generate(
     todo = list(batches(mine[start:], cfg.batch_size))[:stop_after_batches]
     with progress_bar(total=len(mine), initial=start, desc="sample", unit="img", disable=not ranks.is_main) as bar:
         for indices in todo:
-            x0, batch_nfe = sample_images(model, alphas_cumprod, cfg, indices, amp_dtype)
+            x0, batch_nfe = net.sample(cfg, indices)
             for i, img in zip(indices, to_uint8(x0), strict=True):
                 save_png(img, image_path(out, i))
             nfe[indices] = batch_nfe.numpy()
@@ -191,12 +183,12 @@ def write_stats(out: Path, cfg: SampleConfig, device: str, precision: str) -> di
     return stats
 
 
-def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> dict[str, Any]:
+def run(params: Params, *, stop_after_batches: int | None = None) -> dict[str, Any]:
     """Generate the configured samples (continuing an interrupted run); ``sample_stats`` and this run's timing
     (rank 0; others: {})."""
     cfg, ranks = params.sample, Ranks.from_env()
     device = pick_device(cfg.device, ranks.local_rank)
-    model, alphas_cumprod = load_for_sampling(params, device)
+    net = load_inference(params, device)
     model_path = Path(params.paths.train) / MODEL_FILE
     ranks.start(device)
     try:
@@ -205,23 +197,13 @@ def run_sampling(params: Params, *, stop_after_batches: int | None = None) -> di
         finished = ranks.broadcast(finished)  # the others wait until rank 0 has the folder ready
         if finished is not None:
             return finished if ranks.is_main else {}  # every image is there, made by this config: nothing to do
-        amp_dtype, precision = set_precision(cfg.precision, device)
         begin = time.perf_counter()
-        generated = ranks.sum(generate(model, alphas_cumprod, cfg, out, ranks, amp_dtype, stop_after_batches))
+        generated = ranks.sum(generate(net, cfg, out, ranks, stop_after_batches))
         seconds = time.perf_counter() - begin
         if not ranks.is_main:
             return {}
         timing = {"wall_seconds": round(seconds, 2), "images_generated_now": generated}
         timing["images_per_s"] = round(generated / seconds, 2) if generated else None
-        return {**write_stats(out, cfg, str(device), precision), **timing}
+        return {**write_stats(out, cfg, str(device), net.precision), **timing}
     finally:
         ranks.finish()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Per-rank entry point (``torchrun ... -m tasks.sample --params FILE --set k=v``)."""
-    return rank_main("sample", lambda params, args: run_sampling(params), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

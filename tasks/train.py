@@ -1,11 +1,11 @@
 """The train stage: fit the U-Net eps-model with the design's complexity-weighted loss.
 
-One process, or one rank of a ``torchrun`` job (DDP: nccl on CUDA, gloo on CPU); ``python -m tasks.train``
-is the per-rank entry point that ``ddim train`` hands to torchrun when ``train.nproc_per_node > 1``.
+One process, or one rank of a ``torchrun`` job (DDP: nccl on CUDA, gloo on CPU), which ``ddim train`` starts
+(``python -m pipelines.ranks train``) when ``train.nproc_per_node > 1``.
 
-The run, in four pieces (improved-diffusion's and EDM's shape):
+Training, in four pieces (improved-diffusion's and EDM's shape):
 
-1. :func:`build_run` builds everything once: the model, its EMA, the optimizer, the data, and the state of
+1. :func:`build_trainer` builds everything once: the model, its EMA, the optimizer, the data, and the state of
    the newest compatible checkpoint.
 2. :func:`train_step` is one optimization step, the hot part: DDPM's algorithm 1 with the design's loss
    (:func:`models.diffusion.training_losses`), Adam with linear warm-up, gradient clipping, the EMA update.
@@ -20,8 +20,8 @@ random state at any step is therefore a function of the step, which a checkpoint
 resumed takes exactly the steps an uninterrupted run takes (bit-exact on CPU with train.deterministic).
 
 Files (rank 0 only): checkpoints ``ckpt-<step>.pt`` in the recipe's own folder under ``paths.checkpoints``
-(``tasks/checkpoint.py``; atomic, the newest K kept, other recipes' folders never touched) with the MLflow run
-id beside them; ``model.pt`` (``tasks/checkpoint.py``), ``train_run.json``,
+(``tasks/common/checkpoint.py``; atomic, the newest K kept, other recipes' folders never touched) with the MLflow run
+id beside them; ``model.pt`` (``tasks/common/checkpoint.py``), ``train_run.json``,
 ``train_metrics.csv`` and ``mlflow_run_id`` in ``paths.train``. Only ``model.pt`` is the stage's result (its DVC
 output); the others record the run (which MLflow run, device, speed), so a rerun that makes the same model
 changes nothing DVC tracks.
@@ -29,7 +29,6 @@ changes nothing DVC tracks.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import dataclasses
@@ -52,7 +51,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from models.diffusion import ddim_sample, ddim_timesteps, training_losses
 from models.unet import UNet
-from tasks.checkpoint import (
+from tasks.common.checkpoint import (
     MODEL_FILE,
     adopt_flat_checkpoints,
     list_checkpoints,
@@ -63,17 +62,17 @@ from tasks.checkpoint import (
     weights_digest,
     write_recipe,
 )
-from tasks.config import Params, TrainConfig
-from tasks.dataset import PreparedDataset, dataset_dir
-from tasks.devices import on_device, pick_device, set_precision
-from tasks.distributed import Ranks, rank_main
-from tasks.errors import UserError
-from tasks.files import atomic_path, exclusive, file_hash, write_json
-from tasks.images import make_grid, to_uint8
-from tasks.import_model import read_source, write_imported
-from tasks.progress import progress_bar
-from tasks.seeds import derive_seed
-from tasks.tracking import NullTracker, Tracker, git_commit, write_or_forget_run_id
+from tasks.common.config import Params, TrainConfig
+from tasks.common.dataset import PreparedDataset, dataset_dir
+from tasks.common.devices import on_device, pick_device, set_precision
+from tasks.common.distributed import Ranks
+from tasks.common.errors import UserError
+from tasks.common.files import atomic_path, exclusive, file_hash, write_json
+from tasks.common.images import make_grid, to_uint8
+from tasks.common.pretrained import read_source, write_imported
+from tasks.common.progress import progress_bar
+from tasks.common.seeds import derive_seed
+from tasks.common.tracking import NullTracker, Tracker, git_commit, write_or_forget_run_id
 
 METRICS_FIELDS = ["step", "loss", "mse", "complexity_term", "lr", "grad_norm", "images_per_s"]
 RUN_FILE = "train_run.json"
@@ -99,7 +98,7 @@ class TrainingInterruptedError(UserError):
 
 
 @dataclass
-class Run:
+class Trainer:
     """Everything one training process holds. ``model`` owns the weights; ``losses`` runs the forward pass
     and the loss through DDP (under torchrun), autocast and, with ``train.compile``, the compiled graph."""
 
@@ -244,7 +243,7 @@ def _forward_losses(
         )
 
 
-def build_run(params: Params, locks: contextlib.ExitStack | None = None) -> Run:
+def build_trainer(params: Params, locks: contextlib.ExitStack | None = None) -> Trainer:
     """Build the model, EMA, optimizer and data; load the newest checkpoint of the same recipe (fingerprint).
     ``locks`` holds the recipe folder's lock until the run ends."""
     cfg, dist_info = params.train, Ranks.from_env()
@@ -279,7 +278,7 @@ def build_run(params: Params, locks: contextlib.ExitStack | None = None) -> Run:
         complexity_mode=cfg.complexity_mode,
         amp_dtype=amp_dtype,
     )
-    return Run(
+    return Trainer(
         params=params,
         dist=dist_info,
         device=device,
@@ -329,26 +328,26 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def batches(run: Run, end: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(step, x0)`` for the steps ``run.start_step .. end - 1``.
+def batches(trainer: Trainer, end: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(step, x0)`` for the steps ``trainer.start_step .. end - 1``.
 
     Epoch e's order is a function of (train.seed, e) and a resumed run skips into its epoch, so it reads
     exactly the batches an uninterrupted run reads.
     """
-    cfg, d = run.cfg, run.dist
-    steps_per_epoch = len(run.dataset) // run.global_batch
-    step = run.start_step
+    cfg, d = trainer.cfg, trainer.dist
+    steps_per_epoch = len(trainer.dataset) // trainer.global_batch
+    step = trainer.start_step
     while step < end:
         epoch, offset = divmod(step, steps_per_epoch)
-        sampler = DistributedSampler(run.dataset, d.world_size, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        sampler = DistributedSampler(trainer.dataset, d.world_size, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
         loader = DataLoader(
-            run.dataset,
+            trainer.dataset,
             batch_size=cfg.batch_size,
             sampler=SkipSampler(sampler, offset * cfg.batch_size),
             drop_last=True,
             num_workers=cfg.num_workers,
-            pin_memory=run.device.type == "cuda",
+            pin_memory=trainer.device.type == "cuda",
             worker_init_fn=_ignore_stop_signals,
         )
         for x0 in loader:
@@ -378,31 +377,31 @@ def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float, first: 
     ema.n_averaged += 1
 
 
-def train_step(run: Run, x0: torch.Tensor, step: int) -> torch.Tensor:
+def train_step(trainer: Trainer, x0: torch.Tensor, step: int) -> torch.Tensor:
     """One optimization step on the batch ``x0`` (uint8-scaled floats in [-1, 1], as the dataset yields).
 
     Returns ``[loss, mse, complexity_term, grad_norm]`` on the device: reading them would wait for the GPU, so
     the caller does that only at log steps.
     """
-    cfg = run.cfg
-    torch.manual_seed(derive_seed(cfg.seed, run.dist.rank, step))  # this step's flips, t, noise and dropout
-    x0 = x0.to(run.device, non_blocking=True).contiguous(memory_format=run.memory_format)
+    cfg = trainer.cfg
+    torch.manual_seed(derive_seed(cfg.seed, trainer.dist.rank, step))  # this step's flips, t, noise and dropout
+    x0 = x0.to(trainer.device, non_blocking=True).contiguous(memory_format=trainer.memory_format)
     if cfg.random_flip:
-        flip = torch.rand(x0.shape[0], device=run.device) < 0.5
+        flip = torch.rand(x0.shape[0], device=trainer.device) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    t = torch.randint(0, run.params.diffusion.num_train_steps, (x0.shape[0],), device=run.device)
-    losses = run.losses(x0, t, torch.randn_like(x0))
+    t = torch.randint(0, trainer.params.diffusion.num_train_steps, (x0.shape[0],), device=trainer.device)
+    losses = trainer.losses(x0, t, torch.randn_like(x0))
     loss = losses["loss"].mean()
 
-    for group in run.optimizer.param_groups:
+    for group in trainer.optimizer.param_groups:
         group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.scaler.step(run.optimizer)  # under fp16, skipped when the gradients overflowed
-    run.scaler.update()
-    update_ema(run.ema, run.model, cfg.ema_decay, first=step == 0)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scaler.scale(loss).backward()
+    trainer.scaler.unscale_(trainer.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip)
+    trainer.scaler.step(trainer.optimizer)  # under fp16, skipped when the gradients overflowed
+    trainer.scaler.update()
+    update_ema(trainer.ema, trainer.model, cfg.ema_decay, first=step == 0)
     return torch.stack([loss, losses["mse"].mean(), losses["complexity_term"].mean(), grad_norm]).detach()
 
 
@@ -451,15 +450,15 @@ class MetricsCSV:
         self.file.close()
 
 
-def sample_grid(run: Run) -> np.ndarray:
+def sample_grid(trainer: Trainer) -> np.ndarray:
     """16 EMA samples (DDIM, eta 0, x0 clipped, fixed noise) as a uint8 grid image."""
-    cfg, size, T = run.cfg, run.params.data.image_size, run.params.diffusion.num_train_steps
-    x_T = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
+    cfg, size, T = trainer.cfg, trainer.params.data.image_size, trainer.params.diffusion.num_train_steps
+    x_T = torch.randn(16, 3, size, size, generator=torch.Generator().manual_seed(cfg.seed)).to(trainer.device)
     timesteps = ddim_timesteps(T, min(cfg.sample_steps, T), "trailing")
-    ema = run.ema.module
+    ema = trainer.ema.module
     was_training = ema.training
     ema.eval()
-    x0 = ddim_sample(ema, x_T, run.alphas_cumprod, timesteps, eta=0.0, clip_x0=True)
+    x0 = ddim_sample(ema, x_T, trainer.alphas_cumprod, timesteps, eta=0.0, clip_x0=True)
     ema.train(was_training)
     return make_grid(to_uint8(x0), nrow=4)
 
@@ -473,46 +472,52 @@ class Bookkeeping:
     checkpoint is ever written from weights that a bad step has reached.
     """
 
-    def __init__(self, run: Run, end: int, progress: Callable[[int, int, dict[str, float]], None] | None) -> None:
-        self.run, self.end, self.progress = run, end, progress
-        self.sums = torch.zeros(3, device=run.device)  # loss, mse, complexity term since the last log step
-        self.grad_norm = torch.zeros((), device=run.device)
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=run.device)
+    def __init__(
+        self, trainer: Trainer, end: int, progress: Callable[[int, int, dict[str, float]], None] | None
+    ) -> None:
+        self.trainer, self.end, self.progress = trainer, end, progress
+        self.sums = torch.zeros(3, device=trainer.device)  # loss, mse, complexity term since the last log step
+        self.grad_norm = torch.zeros((), device=trainer.device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=trainer.device)
         self.window_start, self.window_steps = time.perf_counter(), 0
         self.last: dict[str, float] = {"loss": float("nan")}
         self.tracker: NullTracker = NullTracker()
         self.csv: MetricsCSV | None = None
         self.bar = progress_bar(
-            total=run.cfg.steps, initial=run.start_step, desc="train", unit="step", disable=not run.dist.is_main
+            total=trainer.cfg.steps,
+            initial=trainer.start_step,
+            desc="train",
+            unit="step",
+            disable=not trainer.dist.is_main,
         )
-        if run.dist.is_main:
+        if trainer.dist.is_main:
             self._open_outputs()
 
     def _open_outputs(self) -> None:
         """The MLflow run (continued on resume), the metrics CSV and the run id file (main process only)."""
-        params, run = self.run.params, self.run
-        ckpt_dir, out_dir = run.checkpoints, Path(params.paths.train)
-        if run.start_step == 0:  # no checkpoint of this recipe: a new MLflow run (other recipes' stay as they are)
+        params, trainer = self.trainer.params, self.trainer
+        ckpt_dir, out_dir = trainer.checkpoints, Path(params.paths.train)
+        if trainer.start_step == 0:  # no checkpoint of this recipe: a new MLflow run (other recipes' stay as they are)
             (ckpt_dir / "mlflow_run_id").unlink(missing_ok=True)
             (out_dir / RUN_FILE).unlink(missing_ok=True)  # the last run's record, until this one exports
         tags = {
             "mlflow.source.git.commit": git_commit(),
-            "dataset.sha256": run.dataset.manifest["sha256"],
+            "dataset.sha256": trainer.dataset.manifest["sha256"],
             "dataset.name": params.data.name,
             "stage": "train",
-            "device": str(run.device),
-            "precision": run.precision,
+            "device": str(trainer.device),
+            "precision": trainer.precision,
         }
         self.tracker = Tracker.for_training(
             params.tracking, params.model_dump(mode="json"), tags, ckpt_dir, run_name=training_run_name(params)
         )
         write_or_forget_run_id(self.tracker.run_id, out_dir)
-        self.csv = MetricsCSV(out_dir / "train_metrics.csv", run.start_step)
+        self.csv = MetricsCSV(out_dir / "train_metrics.csv", trainer.start_step)
 
     def record(self, step: int, stats: torch.Tensor) -> None:
         """Add step ``step``'s ``[loss, mse, complexity_term, grad_norm]`` (no host sync)."""
         loss_ok = torch.isfinite(stats[0])
-        grad_ok = torch.isfinite(stats[3]) | self.run.scaler.is_enabled()  # fp16: the scaler skips such steps
+        grad_ok = torch.isfinite(stats[3]) | self.trainer.scaler.is_enabled()  # fp16: the scaler skips such steps
         self.bad_step = torch.where(~(loss_ok & grad_ok) & (self.bad_step < 0), step, self.bad_step)
         self.sums += stats[:3]
         self.grad_norm = stats[3]
@@ -521,17 +526,17 @@ class Bookkeeping:
 
     def maintain(self, step: int, stop_asked: bool) -> None:
         """After ``step`` steps: log, check, grid and checkpoint when due; raise if the run must stop."""
-        cfg, run = self.run.cfg, self.run
+        cfg, trainer = self.trainer.cfg, self.trainer
         at_log = step % cfg.log_every == 0 or step == self.end
         at_checkpoint = step % cfg.checkpoint_every == 0 or step == self.end
         at_grid = bool(cfg.sample_every) and step % cfg.sample_every == 0 and step < cfg.steps  # the last: export
-        if not (at_log or at_checkpoint or at_grid or (stop_asked and not run.dist.distributed)):
+        if not (at_log or at_checkpoint or at_grid or (stop_asked and not trainer.dist.distributed)):
             return
         stop = self._agree(stop_asked)
         if at_log:
             self._log(step)
-        if run.dist.is_main and at_grid:
-            self.tracker.log_image(sample_grid(run), f"samples/step_{step:08d}.png")
+        if trainer.dist.is_main and at_grid:
+            self.tracker.log_image(sample_grid(trainer), f"samples/step_{step:08d}.png")
         if at_checkpoint or stop:
             self._checkpoint(step)
         if stop:
@@ -539,22 +544,22 @@ class Bookkeeping:
 
     def _agree(self, stop_asked: bool) -> bool:
         """All ranks learn whether any saw a bad step or a stop request; raise on a bad step."""
-        flags = torch.stack([self.bad_step, torch.tensor(int(stop_asked), device=self.run.device)])
-        if self.run.dist.distributed:
+        flags = torch.stack([self.bad_step, torch.tensor(int(stop_asked), device=self.trainer.device)])
+        if self.trainer.dist.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad_step, stop = flags.tolist()
         if bad_step >= 0:
             raise TrainingError(
                 f"the loss or gradient became NaN or inf at step {bad_step + 1}; the last good checkpoint in "
-                f"{self.run.checkpoints} is kept: lower train.lr or use train.precision=fp32"
+                f"{self.trainer.checkpoints} is kept: lower train.lr or use train.precision=fp32"
             )
         return bool(stop)
 
     def _log(self, step: int) -> None:
-        run = self.run
-        if run.dist.distributed:
+        trainer = self.trainer
+        if trainer.dist.distributed:
             dist.all_reduce(self.sums)
-            self.sums /= run.dist.world_size
+            self.sums /= trainer.dist.world_size
         elapsed = time.perf_counter() - self.window_start
         loss, mse, cterm = (self.sums / self.window_steps).tolist()
         self.last = {
@@ -562,43 +567,43 @@ class Bookkeeping:
             "loss": loss,
             "mse": mse,
             "complexity_term": cterm,
-            "lr": lr_at(step - 1, run.cfg.lr, run.cfg.warmup),
+            "lr": lr_at(step - 1, trainer.cfg.lr, trainer.cfg.warmup),
             "grad_norm": float(self.grad_norm),
-            "images_per_s": self.window_steps * run.global_batch / elapsed,
+            "images_per_s": self.window_steps * trainer.global_batch / elapsed,
         }
         if self.csv is not None:
             self.csv.write(self.last)
         self.tracker.log_metrics({k: v for k, v in self.last.items() if k != "step"}, step)
         self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{self.last['images_per_s']:.0f}")
-        if self.progress is not None and run.dist.is_main:
-            self.progress(step, run.cfg.steps, self.last)
+        if self.progress is not None and trainer.dist.is_main:
+            self.progress(step, trainer.cfg.steps, self.last)
         self.sums.zero_()
         self.window_start, self.window_steps = time.perf_counter(), 0
 
     def _checkpoint(self, step: int) -> None:
-        run = self.run
-        if not run.dist.is_main:
+        trainer = self.trainer
+        if not trainer.dist.is_main:
             return
         state = {
-            "model_config": run.model.config.to_dict(),
-            "diffusion": run.params.diffusion.model_dump(),
-            "fingerprint": run.fingerprint,
-            "model": run.model.state_dict(),
-            "ema": run.ema.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(),
+            "model_config": trainer.model.config.to_dict(),
+            "diffusion": trainer.params.diffusion.model_dump(),
+            "fingerprint": trainer.fingerprint,
+            "model": trainer.model.state_dict(),
+            "ema": trainer.ema.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict(),
             # The random state of step s is re-derived from (seed, rank, s), so `step` is the RNG state.
-            "rng": {"scheme": "torch.manual_seed(SeedSequence([seed, rank, step]))", "seed": run.cfg.seed},
-            "params": run.params.model_dump(mode="json"),
+            "rng": {"scheme": "torch.manual_seed(SeedSequence([seed, rank, step]))", "seed": trainer.cfg.seed},
+            "params": trainer.params.model_dump(mode="json"),
             "mlflow_run_id": self.tracker.run_id,
         }
-        save_checkpoint(run.checkpoints, step, state, run.cfg.keep_checkpoints)
+        save_checkpoint(trainer.checkpoints, step, state, trainer.cfg.keep_checkpoints)
 
     def close(self, status: str, finished: bool) -> None:
         self.bar.close()
         if self.csv is not None:
             self.csv.close()
-        timeout = self.run.params.tracking.flush_timeout
+        timeout = self.trainer.params.tracking.flush_timeout
         if status == "KILLED":  # SIGTERM: the checkpoint is written, and the grace period may be short
             timeout = min(timeout, 5.0)
         if status != "FINISHED" or finished:
@@ -618,38 +623,38 @@ def training_run_name(params: Params) -> str:
     return f"{params.data.name}-ch{params.model.ch}-{cfg.steps}steps-lambda{cfg.lambda_reg:g}-{cfg.complexity_mode}"
 
 
-def export(run: Run, book: Bookkeeping) -> dict[str, Any]:
+def export(trainer: Trainer, book: Bookkeeping) -> dict[str, Any]:
     """Write ``model.pt`` (bit-identical for the same weights) and the ``train_run.json`` sidecar."""
-    params, out_dir = run.params, Path(run.params.paths.train)
+    params, out_dir = trainer.params, Path(trainer.params.paths.train)
     model_path = out_dir / MODEL_FILE
     save_model(
         model_path,
-        run.model.config,
-        run.ema.module.state_dict(),
+        trainer.model.config,
+        trainer.ema.module.state_dict(),
         diffusion=params.diffusion.model_dump(),
-        step=run.cfg.steps,
-        dataset_sha256=run.dataset.manifest["sha256"],
+        step=trainer.cfg.steps,
+        dataset_sha256=trainer.dataset.manifest["sha256"],
         source={"kind": "train"},
     )
     about = {
         "model": str(model_path),
         "model_sha256": file_hash(model_path),
-        "weights_sha256": weights_digest(run.ema.module),
+        "weights_sha256": weights_digest(trainer.ema.module),
         "mlflow_run_id": book.tracker.run_id,
         "git_commit": git_commit(),
-        "device": str(run.device),
-        "precision": run.precision,
+        "device": str(trainer.device),
+        "precision": trainer.precision,
         "params": params.model_dump(mode="json"),
     }
     write_json(about, out_dir / RUN_FILE)
-    book.tracker.log_image(sample_grid(run), f"samples/step_{run.cfg.steps:08d}.png")
+    book.tracker.log_image(sample_grid(trainer), f"samples/step_{trainer.cfg.steps:08d}.png")
     book.tracker.log_artifact(model_path)
     return {k: about[k] for k in ("model", "weights_sha256", "device", "precision")}
 
 
-def check_ranks_in_sync(run: Run) -> None:
-    digests: list[str | None] = [None] * run.dist.world_size
-    dist.all_gather_object(digests, weights_digest(run.model))
+def check_ranks_in_sync(trainer: Trainer) -> None:
+    digests: list[str | None] = [None] * trainer.dist.world_size
+    dist.all_gather_object(digests, weights_digest(trainer.model))
     if len(set(digests)) != 1:
         raise TrainingError("ranks ended with different weights: the DDP job is inconsistent")
 
@@ -681,11 +686,11 @@ def import_pretrained(params: Params) -> dict[str, Any]:
     about = {"model": str(model_path), "model_sha256": file_hash(model_path), "mlflow_run_id": tracker.run_id}
     write_json({**about, "source": imported.source, "params": params.model_dump(mode="json")}, out_dir / RUN_FILE)
     tracker.log_artifact(model_path)
-    tracker.finish(timeout=params.tracking.flush_timeout)
+    tracker.finish("FINISHED", params.tracking.flush_timeout)
     return {**about, "imported_from": source}
 
 
-def train(
+def run(
     params: Params,
     *,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
@@ -695,31 +700,31 @@ def train(
     if params.model.pretrained:
         return import_pretrained(params)
     with contextlib.ExitStack() as locks:
-        return _train(build_run(params, locks), stop_after, progress)
+        return _train(build_trainer(params, locks), stop_after, progress)
 
 
 def _train(
-    run: Run, stop_after: int | None, progress: Callable[[int, int, dict[str, float]], None] | None
+    trainer: Trainer, stop_after: int | None, progress: Callable[[int, int, dict[str, float]], None] | None
 ) -> dict[str, Any]:
-    params = run.params
+    params = trainer.params
     end = params.train.steps if stop_after is None else min(params.train.steps, stop_after)
-    book = Bookkeeping(run, end, progress)
-    done, status = run.start_step, "FAILED"
-    run.model.train()
-    run.ema.train()
+    book = Bookkeeping(trainer, end, progress)
+    done, status = trainer.start_step, "FAILED"
+    trainer.model.train()
+    trainer.ema.train()
     try:
         with stop_on_signals() as stop_requested:
-            for step, x0 in batches(run, end):
-                book.record(step, train_step(run, x0, step))
+            for step, x0 in batches(trainer, end):
+                book.record(step, train_step(trainer, x0, step))
                 done = step + 1
                 book.maintain(done, stop_requested.is_set())
-        summary: dict[str, Any] = {"step": done, "resumed_from": run.start_step, **book.last}
+        summary: dict[str, Any] = {"step": done, "resumed_from": trainer.start_step, **book.last}
         summary["mlflow_run_id"] = book.tracker.run_id
-        if run.dist.distributed:
-            check_ranks_in_sync(run)
+        if trainer.dist.distributed:
+            check_ranks_in_sync(trainer)
             summary["ranks_in_sync"] = True
-        if run.dist.is_main and done >= params.train.steps:
-            summary |= export(run, book)
+        if trainer.dist.is_main and done >= params.train.steps:
+            summary |= export(trainer, book)
         status = "FINISHED"
         return summary
     except TrainingInterruptedError:
@@ -727,17 +732,4 @@ def _train(
         raise
     finally:
         book.close(status, finished=done >= params.train.steps)
-        run.dist.finish()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Per-rank entry point (``torchrun ... -m tasks.train --params FILE --set k=v``)."""
-
-    def stop_after(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
-
-    return rank_main("train", lambda params, args: train(params, stop_after=args.stop_after), argv, stop_after)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        trainer.dist.finish()

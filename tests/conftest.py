@@ -5,16 +5,17 @@ from __future__ import annotations
 import functools
 import http.server
 import os
-import socket
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
+# cli_env and free_port are helpers' (test modules import them from there); named here too for the modules that
+# still import them from conftest.
+from helpers import PREFECT_HOME, cli_env, free_port  # noqa: F401
+
 # Before anything imports prefect: keep its database and settings out of the user's ~/.prefect.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="ddim-test-prefect-")
-os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_HOME"] = PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.pop("PREFECT_API_URL", None)
@@ -35,33 +36,17 @@ def make_project(tmp_path, monkeypatch):
     directory (so its MLflow store is its own); returns tmp_path."""
     import yaml
 
-    from tasks.config import load_params
-    from tasks.data import prepare_dataset
+    from tasks.common.config import load_params
+    from tasks.prepare import build_dataset
 
     def make(params: dict) -> Path:
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
         monkeypatch.chdir(tmp_path)
         loaded = load_params("params.yaml")
-        prepare_dataset(loaded.data, loaded.paths)
+        build_dataset(loaded.data, loaded.paths)
         return tmp_path
 
     return make
-
-
-def cli_env() -> dict[str, str]:
-    """Environment for running `ddim` in a subprocess: no API URL, so each command starts its temporary server,
-    on the session's throwaway Prefect home (one home for all: a new one costs each command ~6 s of database
-    set-up)."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = _PREFECT_HOME
-    return env
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Served:
@@ -98,3 +83,24 @@ def http_server(tmp_path):
     yield served
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A tiny model trained for a few steps, once per test module; returns its params file (samples/metrics
+    paths inside tmp)."""
+    import yaml
+    from helpers import setup_run
+
+    from tasks import train
+    from tasks.common.config import load_params
+
+    root = tmp_path_factory.mktemp("trained")
+    params_file = setup_run(root, f"sqlite:///{root / 'mlflow.db'}", steps=6, deterministic=False)
+    raw = yaml.safe_load(params_file.read_text())
+    raw["paths"].update(reference=str(root / "ref"), samples=str(root / "samples"), metrics=str(root / "metrics.json"))
+    raw["sample"] = {"num_samples": 8, "batch_size": 8, "steps": 5, "spacing": "trailing"}
+    raw["evaluate"] = {"reference_count": 16, "batch_size": 16, "num_workers": 0}
+    params_file.write_text(yaml.safe_dump(raw))
+    train.run(load_params(params_file))
+    return params_file

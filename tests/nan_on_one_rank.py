@@ -1,6 +1,7 @@
-"""``torchrun ... tests/nan_on_one_rank.py STEP --params FILE``: the train stage, where rank 1 alone sees a NaN
-loss at step STEP (1-based). The NaN is a detached constant added to the loss, so the gradients, which DDP
-all-reduces, stay finite: no other rank can notice anything unless the ranks agree on their NaN checks."""
+"""``torchrun ... tests/nan_on_one_rank.py STEP --result FILE --params FILE``: one rank of the train stage, as
+``python -m pipelines.ranks train --result FILE --params FILE`` runs it, where rank 1 alone sees a NaN loss at step
+STEP (1-based). The NaN is a detached constant added to the loss, so the gradients, which DDP all-reduces, stay
+finite: no other rank can notice anything unless the ranks agree on their NaN checks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import torch
 
 import tasks.train as stage
+from pipelines import ranks
 
 
 def main() -> int:
@@ -23,7 +25,7 @@ def main() -> int:
         return out
 
     stage.training_losses = losses
-    return stage.main(sys.argv[2:])
+    return ranks.main(["train", *sys.argv[2:]])
 
 
 if __name__ == "__main__":

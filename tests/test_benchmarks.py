@@ -37,7 +37,7 @@ def test_the_gpu_benchmark_measures_every_section_on_the_cpu(tmp_path, capsys):
 def test_the_reproducibility_benchmark_finds_same_thread_reruns_bit_identical(tmp_path):
     import reproducibility
 
-    from tasks.config import profile_params
+    from tasks.common.config import profile_params
 
     params = profile_params("demo", Path(__file__).resolve().parents[1] / "profiles").model_dump(mode="json")
     params["data"].update(count=64)

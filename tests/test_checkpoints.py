@@ -13,11 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import cli_env
+from helpers import cli_env
 
-from tasks.checkpoint import list_checkpoints, older_than, read_recipe, recipe_folders, recipe_id
-from tasks.config import load_params
-from tasks.train import TrainingError, batches, train, training_fingerprint
+from tasks import train
+from tasks.common.checkpoint import list_checkpoints, older_than, read_recipe, recipe_folders, recipe_id
+from tasks.common.config import load_params
+from tasks.train import TrainingError, batches, training_fingerprint
 
 DDIM = str(Path(sys.executable).with_name("ddim"))
 BIN = Path(sys.executable).parent
@@ -67,23 +68,23 @@ def test_the_recipe_is_the_global_batch_not_the_per_process_one(project):
 
 
 def test_another_recipe_leaves_the_first_ones_checkpoints_and_it_resumes_them(project):
-    a = train(load_params("params.yaml"))
+    a = train.run(load_params("params.yaml"))
     (a_dir,) = recipe_folders(project / "data" / "checkpoints")
     a_files = files_of(a_dir)
     assert {"ckpt-00000002.pt", "ckpt-00000004.pt", "recipe.json", "mlflow_run_id"} <= a_files.keys()
 
-    b = train(load_params("params.yaml", ["train.lambda_reg=0"]))
+    b = train.run(load_params("params.yaml", ["train.lambda_reg=0"]))
     assert b["resumed_from"] == 0 and b["mlflow_run_id"] != a["mlflow_run_id"]
     assert files_of(a_dir) == a_files, "recipe B touched none of A's files"
     assert len(recipe_folders(project / "data" / "checkpoints")) == 2
 
-    again = train(load_params("params.yaml", ["train.steps=6"]))
+    again = train.run(load_params("params.yaml", ["train.steps=6"]))
     assert again["resumed_from"] == 4 and again["mlflow_run_id"] == a["mlflow_run_id"]
     assert [p.name for p in list_checkpoints(a_dir)] == ["ckpt-00000002.pt", "ckpt-00000004.pt", "ckpt-00000006.pt"]
 
 
 def test_the_flat_layout_of_earlier_versions_is_moved_into_its_recipe_folder_and_resumed(project):
-    train(load_params("params.yaml"))
+    train.run(load_params("params.yaml"))
     root = project / "data" / "checkpoints"
     (folder,) = recipe_folders(root)
     for path in list_checkpoints(folder):  # as the earlier version wrote them: flat, batch_size per process
@@ -100,18 +101,18 @@ def test_the_flat_layout_of_earlier_versions_is_moved_into_its_recipe_folder_and
     folder.rmdir()
     (root / "notes.txt").write_text("the user's")
 
-    resumed = train(load_params("params.yaml", ["train.steps=6"]))
+    resumed = train.run(load_params("params.yaml", ["train.steps=6"]))
     assert resumed["resumed_from"] == 4 and resumed["mlflow_run_id"] == run_id
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted([folder.name, "notes.txt"])
     assert [p.name for p in list_checkpoints(folder)] == ["ckpt-00000002.pt", "ckpt-00000004.pt", "ckpt-00000006.pt"]
 
 
 def test_resume_never_refuses_to_write_over_the_recipes_checkpoints(project):
-    train(load_params("params.yaml"))
+    train.run(load_params("params.yaml"))
     (folder,) = recipe_folders(project / "data" / "checkpoints")
     before = files_of(folder)
     with pytest.raises(TrainingError, match=r"holds checkpoints of this recipe up to step 4: delete them first"):
-        train(load_params("params.yaml", ["train.resume=never"]))
+        train.run(load_params("params.yaml", ["train.resume=never"]))
     assert files_of(folder) == before
 
 
@@ -158,14 +159,19 @@ def test_recipe_a_then_b_then_a_through_the_cli_and_ddim_checkpoints(project):
 @pytest.mark.integration
 def test_two_processes_of_half_the_batch_resume_one_and_double_the_batch_is_its_own_recipe(project):
     """Resuming with another process count never changes the global batch in the middle of a run."""
-    train(load_params("params.yaml", ["train.batch_size=16"]))
+    train.run(load_params("params.yaml", ["train.batch_size=16"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "tasks.train", "--params"]
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "pipelines.ranks", "train"]
 
     def torchrun(*sets: str) -> dict:
+        """Rank 0's result, from the file it writes."""
         args = [a for s in sets for a in ("--set", s)]
-        out = subprocess.run([*launcher, "params.yaml", *args], capture_output=True, text=True, timeout=300, env=env)
-        return summary_of(out)
+        result = project / "result.json"
+        result.unlink(missing_ok=True)
+        command = [*launcher, "--result", str(result), "--params", "params.yaml", *args]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(result.read_text())
 
     assert torchrun("train.batch_size=8", "train.steps=6")["resumed_from"] == 4
     assert torchrun("train.batch_size=16", "train.steps=6")["resumed_from"] == 0  # global batch 32: a new recipe
@@ -193,18 +199,18 @@ def test_every_step_reads_the_same_images_whatever_the_process_count_at_one_glob
 
 
 def test_checkpoints_that_cannot_be_read_are_never_started_over_and_written_across(project):
-    train(load_params("params.yaml"))
+    train.run(load_params("params.yaml"))
     (folder,) = recipe_folders(project / "data" / "checkpoints")
     for path in list_checkpoints(folder):
         path.write_bytes(b"damaged")
     before = files_of(folder)
     with pytest.raises(TrainingError, match=r"none of the 2 checkpoints in .* can be read: move them away"):
-        train(load_params("params.yaml", ["train.steps=6"]))
+        train.run(load_params("params.yaml", ["train.steps=6"]))
     assert files_of(folder) == before
 
 
 def test_a_folder_of_the_users_that_looks_like_a_recipe_is_no_recipe(project):
-    train(load_params("params.yaml"))
+    train.run(load_params("params.yaml"))
     root = project / "data" / "checkpoints"
     (root / "backup-3f2a9c1b7d4e").mkdir()
     (root / "backup-3f2a9c1b7d4e" / "notes.txt").write_text("mine")

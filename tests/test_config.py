@@ -11,7 +11,8 @@ import yaml
 from models.diffusion import BetaSchedule, ComplexityMode, Spacing
 from models.unet import UNetConfig
 from pipelines.cli import PARAMS_HEADER, main
-from tasks.config import (
+from tasks.common.config import (
+    STAGES,
     ConfigError,
     DiffusionConfig,
     ModelConfig,
@@ -22,6 +23,9 @@ from tasks.config import (
     profile_names,
     profile_params,
     render_params,
+    result,
+    stage_params,
+    stages_of,
     validate_params,
 )
 from tasks.train import RESUMABLE_ACROSS
@@ -95,6 +99,29 @@ def test_runtime_keys_are_resumable_and_not_result_keys():
         *("rdzv_endpoint", "rdzv_id", "max_restarts"),
     }
     assert runtime < RESUMABLE_ACROSS
+
+
+def test_every_key_is_a_path_a_runtime_key_or_names_the_stages_it_can_change():
+    """What dvc.yaml's params: lists come from (stage_params): a key with neither runtime(...) nor result(...,
+    stages=...) would be a param of no stage, and changing it would rerun nothing."""
+    for section, info in Params.model_fields.items():
+        cls = info.annotation
+        for key, field in cls.model_fields.items():
+            is_runtime = key not in cls.result_keys()
+            assert section == "paths" or is_runtime != bool(stages_of(field)), f"{section}.{key}"
+            assert set(stages_of(field)) <= set(STAGES)
+
+
+def test_stage_params_follow_params_yaml_order_and_know_every_stage():
+    assert stage_params("reference") == ["evaluate.reference_count"]
+    assert stage_params("evaluate") == []
+    train = stage_params("train")
+    assert train[:3] == ["data.image_size", "model.pretrained", "model.ch"]
+    assert {f"train.{key}" for key in TrainConfig.result_keys()} <= set(train)
+    with pytest.raises(ValueError, match="no stage 'sweep_table'"):
+        stage_params("sweep_table")
+    with pytest.raises(ValueError, match="stages must name stages of dvc.yaml"):
+        result(0, "a key", stages=("trian",))
 
 
 def test_several_machines_need_a_rendezvous_endpoint():

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.config import ConfigError, DataConfig, PathsConfig, load_params
-from tasks.data import prepare_dataset, shape_image
-from tasks.dataset import MANIFEST as MANIFEST_NAME
-from tasks.dataset import DataError, PreparedDataset, load_manifest
-from tasks.images import to_uint8
+from tasks.common.config import ConfigError, DataConfig, PathsConfig, load_params
+from tasks.common.dataset import MANIFEST as MANIFEST_NAME
+from tasks.common.dataset import DataError, PreparedDataset, load_manifest
+from tasks.common.images import to_uint8
+from tasks.prepare import build_dataset, shape_image
 
 
 def paths_in(tmp_path: Path) -> PathsConfig:
@@ -39,9 +39,9 @@ def leftovers(root: Path) -> list[str]:
 
 def test_shapes_dataset_is_deterministic_and_complete(tmp_path):
     paths = paths_in(tmp_path)
-    a = prepare_dataset(shapes(), paths)
-    b = prepare_dataset(shapes(name="again"), paths)
-    c = prepare_dataset(shapes(name="other", seed=1), paths)
+    a = build_dataset(shapes(), paths)
+    b = build_dataset(shapes(name="again"), paths)
+    c = build_dataset(shapes(name="other", seed=1), paths)
     assert a["sha256"] == b["sha256"] != c["sha256"]
     out = tmp_path / "prepared" / "s"
     assert sorted(p.name for p in out.iterdir()) == ["images.npy", "manifest.json", "preview.png"]
@@ -115,7 +115,7 @@ def test_cifar10_downloads_verifies_and_reads(tmp_path, http_server, split, batc
     archive = root / "cifar-10-python.tar.gz"
     content = cifar_archive(archive)
     data = DataConfig(name="c", source="cifar10", split=split, count=None, url=f"{url}/cifar-10-python.tar.gz")
-    manifest = prepare_dataset(data, paths_in(tmp_path), cifar10_md5=md5_of(archive))
+    manifest = build_dataset(data, paths_in(tmp_path), cifar10_md5=md5_of(archive))
     expected = np.concatenate([nhwc(content[b]) for b in batches])
     array = np.load(tmp_path / "prepared" / "c" / "images.npy")
     np.testing.assert_array_equal(array, expected)
@@ -128,7 +128,7 @@ def test_cifar10_wrong_checksum_leaves_nothing(tmp_path, http_server):
     cifar_archive(root / "cifar-10-python.tar.gz")
     data = DataConfig(name="c", source="cifar10", count=None, url=f"{url}/cifar-10-python.tar.gz")
     with pytest.raises(DataError, match="md5 .* expected c58f30108f718f92721af3b95e74349a"):
-        prepare_dataset(data, paths_in(tmp_path))  # the real MD5: the fixture cannot match it
+        build_dataset(data, paths_in(tmp_path))  # the real MD5: the fixture cannot match it
     assert not (tmp_path / "raw" / "cifar-10-python.tar.gz").exists()
     assert not (tmp_path / "prepared" / "c").exists()
     assert leftovers(tmp_path) == []
@@ -138,7 +138,7 @@ def test_cifar10_unreachable_url_names_the_offline_fix(tmp_path, http_server):
     _, url = http_server
     data = DataConfig(name="c", source="cifar10", url=f"{url}/missing.tar.gz")
     with pytest.raises(DataError, match="set data.archive"):
-        prepare_dataset(data, paths_in(tmp_path))
+        build_dataset(data, paths_in(tmp_path))
 
 
 def test_cifar10_local_archive_checksum_and_truncation(tmp_path):
@@ -146,14 +146,14 @@ def test_cifar10_local_archive_checksum_and_truncation(tmp_path):
     cifar_archive(archive)
     data = DataConfig(name="c", source="cifar10", count=None, archive=archive)
     with pytest.raises(DataError, match="corrupt, truncated or not cifar-10-python.tar.gz"):
-        prepare_dataset(data, paths_in(tmp_path))
+        build_dataset(data, paths_in(tmp_path))
     truncated = tmp_path / "truncated.tar.gz"
     truncated.write_bytes(archive.read_bytes()[:-400])
     data = DataConfig(name="c", source="cifar10", count=None, archive=truncated)
     with pytest.raises(DataError, match="truncated or corrupt"):
-        prepare_dataset(data, paths_in(tmp_path), cifar10_md5=md5_of(truncated))
+        build_dataset(data, paths_in(tmp_path), cifar10_md5=md5_of(truncated))
     with pytest.raises(DataError, match="does not exist"):
-        prepare_dataset(DataConfig(source="cifar10", archive=tmp_path / "nope.tar.gz"), paths_in(tmp_path))
+        build_dataset(DataConfig(source="cifar10", archive=tmp_path / "nope.tar.gz"), paths_in(tmp_path))
     assert not (tmp_path / "prepared").exists() or not any((tmp_path / "prepared").iterdir())
 
 
@@ -166,7 +166,7 @@ def test_cifar10_refuses_pickles_that_build_other_objects(tmp_path):
         tar.addfile(info, io.BytesIO(payload))
     data = DataConfig(name="c", source="cifar10", split="test", archive=archive)
     with pytest.raises(DataError, match="refusing to load collections.OrderedDict"):
-        prepare_dataset(data, paths_in(tmp_path), cifar10_md5=md5_of(archive))
+        build_dataset(data, paths_in(tmp_path), cifar10_md5=md5_of(archive))
 
 
 # ----- folders and zips
@@ -197,7 +197,7 @@ def folder(path: Path, **kw) -> DataConfig:
 
 def test_folder_import_converts_every_mode(tmp_path):
     make_folder(tmp_path / "imgs")
-    manifest = prepare_dataset(folder(tmp_path / "imgs"), paths_in(tmp_path))
+    manifest = build_dataset(folder(tmp_path / "imgs"), paths_in(tmp_path))
     assert manifest["count"] == 7 and manifest["files"] == 7
     a = np.load(tmp_path / "prepared" / "f" / "images.npy").astype(int)
     assert a.shape == (7, 16, 16, 3)
@@ -219,9 +219,9 @@ def test_zip_import_matches_folder_import_and_parallel_decoding(tmp_path):
             if p.is_file():
                 zf.write(p, p.relative_to(tmp_path / "imgs").as_posix())
     paths = paths_in(tmp_path)
-    from_dir = prepare_dataset(folder(tmp_path / "imgs"), paths)
-    from_zip = prepare_dataset(folder(zpath, name="z"), paths)
-    parallel = prepare_dataset(folder(zpath, name="p", workers=2), paths)
+    from_dir = build_dataset(folder(tmp_path / "imgs"), paths)
+    from_zip = build_dataset(folder(zpath, name="z"), paths)
+    parallel = build_dataset(folder(zpath, name="p", workers=2), paths)
     assert from_dir["sha256"] == from_zip["sha256"] == parallel["sha256"]
 
 
@@ -230,10 +230,10 @@ def test_corrupt_images_fail_or_are_skipped(tmp_path):
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     (tmp_path / "imgs" / "empty.jpg").write_bytes(b"")
     with pytest.raises(DataError, match=r"cannot read image broken.png .*data.on_bad_image=skip"):
-        prepare_dataset(folder(tmp_path / "imgs"), paths_in(tmp_path))
+        build_dataset(folder(tmp_path / "imgs"), paths_in(tmp_path))
     assert not (tmp_path / "prepared" / "f").exists()
     with pytest.warns(UserWarning, match="skipped 2 of 9 images"):
-        manifest = prepare_dataset(folder(tmp_path / "imgs", on_bad_image="skip"), paths_in(tmp_path))
+        manifest = build_dataset(folder(tmp_path / "imgs", on_bad_image="skip"), paths_in(tmp_path))
     assert manifest["count"] == 7 and manifest["skipped"] == 2
     assert np.load(tmp_path / "prepared" / "f" / "images.npy").shape == (7, 16, 16, 3)
 
@@ -241,10 +241,10 @@ def test_corrupt_images_fail_or_are_skipped(tmp_path):
 def test_a_failed_run_keeps_the_previous_dataset(tmp_path):
     make_folder(tmp_path / "imgs")
     paths = paths_in(tmp_path)
-    before = prepare_dataset(folder(tmp_path / "imgs"), paths)
+    before = build_dataset(folder(tmp_path / "imgs"), paths)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError):
-        prepare_dataset(folder(tmp_path / "imgs"), paths)
+        build_dataset(folder(tmp_path / "imgs"), paths)
     assert load_manifest(tmp_path / "prepared" / "f")["sha256"] == before["sha256"]
     assert leftovers(tmp_path / "prepared") == []
 
@@ -258,25 +258,25 @@ def test_a_folder_that_is_not_a_prepared_dataset_is_never_replaced(tmp_path):
     (users / "thesis.tex").write_text("mine")
     (users / MANIFEST_NAME).write_text('{"mine": true}')
     with pytest.raises(DataError, match=r"is not a prepared dataset of this pipeline \(thesis.tex\)"):
-        prepare_dataset(shapes(), paths)
+        build_dataset(shapes(), paths)
     assert (users / "thesis.tex").read_text() == "mine"
     (users / "thesis.tex").unlink()
     with pytest.raises(DataError, match=r"\(no manifest.json of this pipeline\)"):
-        prepare_dataset(shapes(), paths)
+        build_dataset(shapes(), paths)
     assert (users / MANIFEST_NAME).read_text() == '{"mine": true}'
     (users / MANIFEST_NAME).unlink()
-    first = prepare_dataset(shapes(), paths)  # an empty folder is fine
-    assert prepare_dataset(shapes(count=50), paths)["count"] == 50 != first["count"]  # ours: replaced
+    first = build_dataset(shapes(), paths)  # an empty folder is fine
+    assert build_dataset(shapes(count=50), paths)["count"] == 50 != first["count"]  # ours: replaced
     (tmp_path / "prepared" / "file").write_text("x")
     with pytest.raises(DataError, match="is a file, not a prepared dataset"):
-        prepare_dataset(shapes(name="file"), paths)
+        build_dataset(shapes(name="file"), paths)
 
 
 def test_all_images_unreadable(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "x.png").write_bytes(b"nope")
     with pytest.raises(DataError, match="no readable images"), pytest.warns(UserWarning):
-        prepare_dataset(folder(tmp_path / "imgs", on_bad_image="skip"), paths_in(tmp_path))
+        build_dataset(folder(tmp_path / "imgs", on_bad_image="skip"), paths_in(tmp_path))
     assert not (tmp_path / "prepared" / "f").exists()
 
 
@@ -284,16 +284,16 @@ def test_empty_folder_zip_and_missing_path(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("hi")
     with pytest.raises(DataError, match="no images"):
-        prepare_dataset(folder(tmp_path / "empty"), paths_in(tmp_path))
+        build_dataset(folder(tmp_path / "empty"), paths_in(tmp_path))
     with zipfile.ZipFile(tmp_path / "empty.zip", "w") as zf:
         zf.writestr("readme.txt", "hi")
     with pytest.raises(DataError, match="no images"):
-        prepare_dataset(folder(tmp_path / "empty.zip"), paths_in(tmp_path))
+        build_dataset(folder(tmp_path / "empty.zip"), paths_in(tmp_path))
     with pytest.raises(DataError, match="does not exist"):
-        prepare_dataset(folder(tmp_path / "missing"), paths_in(tmp_path))
+        build_dataset(folder(tmp_path / "missing"), paths_in(tmp_path))
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(DataError, match="neither a directory nor a .zip"):
-        prepare_dataset(folder(tmp_path / "file.txt"), paths_in(tmp_path))
+        build_dataset(folder(tmp_path / "file.txt"), paths_in(tmp_path))
 
 
 @pytest.mark.parametrize("member", ["../x.png", "/tmp/abs_x.png", "a/../../x.png", "C:/x.png"])
@@ -307,7 +307,7 @@ def test_zip_members_escaping_the_archive_are_refused(tmp_path, member):
         zf.writestr("ok.png", png.getvalue())
         zf.writestr(member, png.getvalue())
     with pytest.raises(DataError, match="escapes the archive"):
-        prepare_dataset(folder(zpath), paths_in(work))
+        build_dataset(folder(zpath), paths_in(work))
     assert not (tmp_path / "x.png").exists() and not Path("/tmp/abs_x.png").exists()
     assert not (work / "prepared" / "f").exists()
 
@@ -344,7 +344,7 @@ def test_bad_data_params_are_one_line_errors(tmp_path):
 
 
 def test_reader_scales_and_works_with_workers(tmp_path):
-    prepare_dataset(shapes(count=20), paths_in(tmp_path))
+    build_dataset(shapes(count=20), paths_in(tmp_path))
     root = tmp_path / "prepared" / "s"
     raw = np.load(root / "images.npy")
     ds = PreparedDataset(root, verify=True)
@@ -359,7 +359,7 @@ def test_reader_scales_and_works_with_workers(tmp_path):
 
 
 def test_reader_detects_tampering_and_missing_datasets(tmp_path):
-    prepare_dataset(shapes(count=10), paths_in(tmp_path))
+    build_dataset(shapes(count=10), paths_in(tmp_path))
     root = tmp_path / "prepared" / "s"
     array = np.load(root / "images.npy", mmap_mode="r+")
     array[0, 0, 0, 0] ^= 1

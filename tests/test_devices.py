@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.devices import on_device, set_precision
+from tasks.common.devices import on_device, set_precision
 
 
 @pytest.fixture(autouse=True)

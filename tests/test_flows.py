@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import cli_env
+from helpers import cli_env, setup_run
 from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
-from pipelines.flows import prepare_flow
+from pipelines.flows import FLOWS
 
 pytestmark = pytest.mark.integration  # DVC, Prefect servers and subprocesses
 
@@ -33,7 +34,7 @@ def write_params(tmp_path: Path, **data) -> Path:
 
 def test_prepare_flow_completes_with_a_manifest_artifact(prefect_server, tmp_path):
     params = write_params(tmp_path)
-    state = prepare_flow(params_file=str(params), overrides=["data.count=12"], return_state=True)
+    state = FLOWS["prepare"](params_file=str(params), overrides=["data.count=12"], return_state=True)
     assert state.is_completed()
     manifest = state.result()
     assert manifest["count"] == 12
@@ -103,18 +104,14 @@ def _artifact_keys(flow_run_id) -> set[str]:
 
 
 def test_train_flow_single_process_and_torchrun(prefect_server, tmp_path):
-    from test_train import setup_run
-
-    from pipelines.flows import train_flow
-
     params = setup_run(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", steps=4, log_every=2, checkpoint_every=2)
-    state = train_flow(params_file=str(params), return_state=True)
+    state = FLOWS["train"](params_file=str(params), return_state=True)
     assert state.is_completed()
     assert state.result()["step"] == 4
     assert {"training-summary", "training-progress"} <= _artifact_keys(state.state_details.flow_run_id)
 
-    # train.nproc_per_node > 1: the flow launches torchrun and reads rank 0's summary from its output
-    state = train_flow(
+    # train.nproc_per_node > 1: the flow launches torchrun and reads rank 0's summary from the file rank 0 writes
+    state = FLOWS["train"](
         params_file=str(params),
         overrides=[
             "train.nproc_per_node=2",
@@ -126,3 +123,35 @@ def test_train_flow_single_process_and_torchrun(prefect_server, tmp_path):
     )
     assert state.is_completed(), state.message
     assert state.result()["ranks_in_sync"] is True and state.result()["step"] == 6
+
+
+def test_a_ranks_user_error_is_the_flows_error_and_its_prints_are_not_its_result(prefect_server, tmp_path, monkeypatch):
+    """Under torchrun (run_ranks), a rank's error the user can fix fails the flow with that rank's own message,
+    and the result is what rank 0 wrote to its result file, whatever else the ranks print."""
+    from pipelines.flows import PipelineError
+
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = setup_run(tmp_path, mlflow_uri, steps=2, batch_size=8, log_every=1, checkpoint_every=2)
+    ddp = ["train.nproc_per_node=2"]
+
+    # Each rank stops at once: no such prepared dataset. The flow's error is the ranks' line, not torchrun's exit.
+    with pytest.raises(PipelineError) as failed:
+        FLOWS["train"](params_file=str(params), overrides=[*ddp, "data.name=gone"])
+    gone = tmp_path / "prepared" / "gone"
+    assert str(failed.value) == f"{gone} is not a prepared dataset (no manifest.json): run `ddim prepare` first"
+
+    # Each rank prints a line that looks like a summary, last thing before it exits (after rank 0's result).
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import atexit, json, os, pathlib\n"
+        "if 'RANK' in os.environ:\n"
+        "    rank = os.environ['RANK']\n"
+        "    atexit.register(print, json.dumps({'step': -1, 'ranks_in_sync': False}), flush=True)\n"
+        f"    atexit.register(pathlib.Path({str(site)!r}, 'printed-' + rank).touch)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    result = FLOWS["train"](params_file=str(params), overrides=ddp)
+    assert sorted(p.name for p in site.glob("printed-*")) == ["printed-0", "printed-1"], "both ranks printed it"
+    assert result["step"] == 2 and result["ranks_in_sync"] is True
+    assert result["mlflow_run_id"] == (tmp_path / "out" / "mlflow_run_id").read_text().strip()

@@ -14,30 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_weights import diffusers_to_ddpm_names
+from helpers import SMALL, diffusers_to_ddpm_names, setup_run
 
-import tasks.import_model as importer
+import tasks.common.pretrained as importer
 from models.unet import UNetConfig
 from pipelines.cli import main
-from tasks.checkpoint import load_model
-from tasks.download import DownloadError
-from tasks.import_model import ModelImportError, import_model
+from tasks.common.checkpoint import load_model
+from tasks.common.download import DownloadError
+from tasks.common.pretrained import ModelImportError
+from tasks.import_model import run as import_model
 
-# A diffusers UNet2DModel with DDPM's settings, as small as the tests' micro U-Net (ch 32, ch_mult 1,2, one res
-# block, attention at 8x8, 16 px).
-SMALL = {
-    "sample_size": 16,
-    "block_out_channels": [32, 64],
-    "layers_per_block": 1,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "downsample_padding": 0,
-    "flip_sin_to_cos": False,
-    "freq_shift": 1,
-    "norm_eps": 1e-6,
-    "attention_head_dim": None,
-    "norm_num_groups": 32,
-}
 SCHEDULER = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}
 
 
@@ -244,15 +230,15 @@ def test_ddim_import_model_writes_where_the_train_stage_would_and_never_over_a_u
 
 def test_the_train_stage_imports_instead_of_training_when_model_pretrained_is_set(small_diffusers, tmp_path):
     from mlflow.tracking import MlflowClient
-    from test_train import setup_run
 
-    from tasks.config import load_params
-    from tasks.train import TrainingError, train
+    from tasks import train
+    from tasks.common.config import load_params
+    from tasks.train import TrainingError
 
     model, st, _ = small_diffusers
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params_file = setup_run(tmp_path, mlflow_uri)  # the micro U-Net: the same shape as the imported one
-    summary = train(load_params(params_file, [f"model.pretrained={st}"]))
+    summary = train.run(load_params(params_file, [f"model.pretrained={st}"]))
     assert same_eps(tmp_path / "out" / "model.pt", model) < 2e-5
     assert summary["imported_from"] == str(st) and not list((tmp_path / "ckpt").glob("ckpt-*.pt")), "no training"
     run = json.loads((tmp_path / "out" / "train_run.json").read_text())
@@ -263,4 +249,4 @@ def test_the_train_stage_imports_instead_of_training_when_model_pretrained_is_se
     assert (tmp_path / "out" / "train_metrics.csv").read_text().startswith("step,loss")
 
     with pytest.raises(TrainingError, match=r"is another U-Net: ch=32 \(params: 64\)"):
-        train(load_params(params_file, [f"model.pretrained={st}", "model.ch=64"]))
+        train.run(load_params(params_file, [f"model.pretrained={st}", "model.ch=64"]))

@@ -11,26 +11,47 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import main
-from tasks.config import Params
+from pipelines.cli import build_parser, main
+from pipelines.stages import STAGES, markdown
+from tasks.common.config import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 # models/ is pure PyTorch: no files, no logging, no orchestration, nothing from the stage code.
 FORBIDDEN_IN_MODELS = {"tasks", "pipelines", "prefect", "mlflow", "dvc", "logging", "os", "pathlib", "shutil"}
 
 
-# Each DVC stage and the tasks/ module that does its work.
-STAGE_MODULES = {
-    "prepare": "tasks/data.py",
-    "reference": "tasks/reference.py",
-    "train": "tasks/train.py",
-    "sample": "tasks/sample.py",
-    "evaluate": "tasks/evaluate.py",
-    "sweep": "tasks/sweep.py",
-    "sweep-table": "tasks/sweep.py",  # the sweep's cells and its table: one module
-    "reconstruct": "tasks/reconstruct.py",
-    "interpolate": "tasks/interpolate.py",
-}
+# Each DVC stage and the tasks/ module that does its work, from the table of stages.
+STAGE_MODULES = {stage.dvc_name or stage.name: stage.module for stage in STAGES.values()}
+# The `ddim` commands that are no stage but do work of their own: each in tasks/<command>.py too.
+COMMAND_MODULES = {"import-model": "tasks/import_model.py"}
+LONGEST_FUNCTION = 60  # lines, in tasks/ and pipelines/
+
+
+def test_the_top_of_tasks_is_the_list_of_stages_and_commands():
+    names = {(ROOT / m).name for m in [*STAGE_MODULES.values(), *COMMAND_MODULES.values()]}
+    assert {p.name for p in (ROOT / "tasks").glob("*.py")} == names | {"__init__.py"}
+    for name, module in {**STAGE_MODULES, **COMMAND_MODULES}.items():
+        assert module == f"tasks/{name.replace('-', '_')}.py", "a stage's module is named as the stage"
+
+
+def test_the_table_of_stages_is_the_cli_and_the_readme():
+    commands = {a.dest: a for a in build_parser()._actions if a.dest == "command"}["command"].choices
+    assert set(STAGES) | set(COMMAND_MODULES) <= set(commands)
+    assert markdown() in (ROOT / "README.md").read_text(), "README: paste the output of `make stages`"
+
+
+def function_lengths(folder: str) -> dict[str, int]:
+    lengths = {}
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lengths[f"{path.relative_to(ROOT)}:{node.name}"] = node.end_lineno - node.lineno + 1
+    return lengths
+
+
+@pytest.mark.parametrize("folder", ["tasks", "pipelines"])
+def test_every_function_fits_on_a_screen(folder):
+    assert {name: n for name, n in function_lengths(folder).items() if n > LONGEST_FUNCTION} == {}
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -96,7 +117,7 @@ def dvc_stages() -> dict:
 
 @pytest.mark.parametrize("stage", STAGE_MODULES)
 def test_no_stage_module_imports_another(stage):
-    others = set(STAGE_MODULES.values()) - {STAGE_MODULES[stage]}
+    others = {*STAGE_MODULES.values(), *COMMAND_MODULES.values()} - {STAGE_MODULES[stage]}
     assert set(dvc_stages()) == set(STAGE_MODULES)
     assert not code_closure(STAGE_MODULES[stage]) & others
 
@@ -107,50 +128,32 @@ def test_each_stage_lists_every_code_file_it_runs(stage):
     assert listed == code_closure(STAGE_MODULES[stage])
 
 
-def result_keys(*sections: str) -> list[str]:
-    return [f"{s}.{k}" for s in sections for k in Params.model_fields[s].annotation.result_keys()]
+def runtime_keys() -> set[str]:
+    """Every ``section.key`` made with ``runtime(...)``: what changes how a stage runs, never what it writes."""
+    return {
+        f"{section}.{key}"
+        for section, info in Params.model_fields.items()
+        for key in set(info.annotation.model_fields) - set(info.annotation.result_keys())
+    }
 
 
 def test_each_stage_lists_exactly_the_params_that_can_change_what_it_writes():
-    cell_keys = [k for k in result_keys("sweep") if k not in ("sweep.steps", "sweep.eta")]
-    latent = result_keys("latent")  # dataset, num_images, steps, spacing, clip_x0 | pairs, ..., seed
-    assert latent[:5] == [f"latent.{k}" for k in ("dataset", "num_images", "steps", "spacing", "clip_x0")]
-    expected = {
-        "prepare": result_keys("data"),
-        "reference": ["evaluate.reference_count"],
-        "train": ["data.image_size", *result_keys("model", "diffusion", "train")],
-        "sample": result_keys("diffusion", "sample"),
-        "evaluate": [],  # it reads how the images were made from the samples folder itself
-        # A cell's own steps and eta are in its command, so adding a value to the grid reruns no other cell.
-        "sweep": [
-            *result_keys("diffusion"),
-            "sample.clip_x0",
-            "sample.seed",
-            "sample.precision",
-            "sample.compile",
-            *cell_keys,
-        ],
-        "sweep-table": ["data.source", "data.split", "data.count", *result_keys("sweep")],
-        "reconstruct": ["data.name", *result_keys("diffusion"), "sample.precision", "sample.compile", *latent[:5]],
-        "interpolate": [
-            "data.name",
-            *result_keys("diffusion"),
-            "sample.precision",
-            "sample.compile",
-            "latent.dataset",
-            *latent[3:],
-        ],
-    }
+    """Each key of tasks/common/config.py names the stages it can change (``result(..., stages=...)``); dvc.yaml's
+    ``params:`` lists are exactly those, in params.yaml's order, so they read as generated."""
+    from tasks.common.config import STAGES, stage_params
+
+    assert tuple(STAGE_MODULES) == STAGES, "config's stage names are the table's"
     listed = {name: stage.get("params", []) for name, stage in dvc_stages().items()}
-    assert listed == expected
-    runtime = {"train.log_every", "train.num_workers", "train.device", "sample.device", "evaluate.device"}
+    assert listed == {stage: stage_params(stage) for stage in STAGES}, "dvc.yaml's params: lists are stage_params()"
+    runtime = runtime_keys()
+    assert {"train.log_every", "train.num_workers", "train.device", "sample.device", "evaluate.device"} <= runtime
     assert not runtime & {key for keys in listed.values() for key in keys}
 
 
 def test_dvc_ignores_the_lock_files_beside_stage_outputs():
     """A lock file names the process that held it; in a folder some stage depends on (data/prepared for the
     latent stages) it would make every run look like a changed dependency."""
-    from tasks.files import lock_path
+    from tasks.common.files import lock_path
 
     lock = lock_path(Path("data/prepared/shapes16"))
     out = subprocess.run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -18,10 +20,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import free_port
+from helpers import SMALL, free_port
 from PIL import Image
 
-from tasks.config import load_params, profile_params
+from tasks.common.config import load_params, profile_params
 
 pytestmark = pytest.mark.integration  # DVC, Prefect servers and subprocesses
 
@@ -70,10 +72,63 @@ def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """A git repository holding the project with params.yaml shrunk to the micro profile."""
-    repo = tmp_path_factory.mktemp("repo")
+GIT_USER = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+}
+
+
+def repo_env(repo: Path) -> dict[str, str]:
+    """The environment of a command run in ``repo``: its own code, Prefect home and working directory."""
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(repo / ".prefect-home"),
+        "PYTHONPATH": str(repo),
+        "PWD": str(repo),
+        **GIT_USER,
+    }
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def replace_in_sqlite(db: Path, old: str, new: str) -> None:
+    """``old`` replaced by ``new`` in every text of the database (MLflow's artifact locations, say)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in conn.execute(f'PRAGMA table_info("{table}")').fetchall():
+                name, kind = column[1], column[2].upper()
+                if kind == "" or any(t in kind for t in ("CHAR", "TEXT", "CLOB", "JSON")):
+                    conn.execute(
+                        f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) WHERE instr("{name}", ?) > 0',
+                        (old, new, old),
+                    )
+
+
+def copy_repo(src: Path, dst: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the micro repository ``src`` at ``dst``, with what named ``src`` by its absolute path pointed at
+    ``dst`` (params.yaml's tracking URI, committed, and the MLflow and Prefect databases); returns it with its
+    environment. Its ``.venv`` stays the link to the project's venv."""
+    shutil.copytree(src, dst, symlinks=True)  # copy2: the mtimes too (DVC and make compare them)
+    env = repo_env(dst)
+    params = dst / "params.yaml"
+    params.write_text(params.read_text().replace(str(src), str(dst)))
+    run(["git", "commit", "-qm", "the copy's own tracking store", "params.yaml"], dst, env)
+    for db in [dst / "mlflow.db", *(dst / ".prefect-home").glob("*.db")]:
+        if db.exists():
+            replace_in_sqlite(db, str(src), str(dst))
+    return dst, env
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory) -> Path:
+    """A git repository holding the project with params.yaml shrunk to the micro profile, nothing run yet."""
+    repo = tmp_path_factory.mktemp("micro") / "repo"
     for name in PROJECT_FILES:
         src, dst = ROOT / name, repo / name
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -88,39 +143,50 @@ def repo(tmp_path_factory):
         params[section].update(values)
     params["tracking"]["uri"] = f"sqlite:///{repo / 'mlflow.db'}"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PREFECT_HOME": str(repo / ".prefect-home"),
-        "PYTHONPATH": str(repo),
-        "PWD": str(repo),
-        "GIT_AUTHOR_NAME": "test",
-        "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test",
-        "GIT_COMMITTER_EMAIL": "test@example.com",
-    }
-    env.pop("PREFECT_API_URL", None)
+    env = repo_env(repo)
     (repo / ".gitignore").write_text((repo / ".gitignore").read_text() + "/.prefect-home/\n/.venv\n")
     run(["git", "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "micro"], repo, env)
-    return repo, env
+    return repo
+
+
+@dataclasses.dataclass
+class Demo:
+    path: Path  # the repository after `make demo`, its dvc.lock committed: every test here starts from a copy
+    output: str  # what that first `make demo` printed
+
+
+@pytest.fixture(scope="session")
+def demo(micro, tmp_path_factory) -> Demo:
+    """The micro repository after `make demo` (the pipeline run once per session, from nothing), committed."""
+    path, env = copy_repo(micro, tmp_path_factory.mktemp("demo") / "repo")
+    first = run(["make", "demo"], path, env)
+    run(["git", "add", "-A"], path, env)
+    run(["git", "commit", "-qm", "make demo"], path, env)
+    return Demo(path, first.stdout)
+
+
+@pytest.fixture
+def repo(demo, tmp_path) -> tuple[Path, dict[str, str]]:
+    """The test's own copy of the repository after `make demo`, and its environment: the test may change it."""
+    return copy_repo(demo.path, tmp_path / "repo")
 
 
 @pytest.fixture
 def served_repo(prefect_server, repo):
-    """The micro repository, with PREFECT_API_URL pointing its commands at the session's test server."""
+    """The test's repository, with PREFECT_API_URL pointing its commands at the session's test server."""
     from prefect.settings import PREFECT_API_URL
 
     path, env = repo
     return path, {**env, "PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
-def test_make_demo_runs_everything_then_only_what_changed(repo):
+def test_make_demo_runs_everything_then_only_what_changed(demo, repo):
+    first = demo.output  # `make demo` in the repository as cloned, nothing run yet; the rest in this test's copy
+    assert ran_stages(first) == ["prepare", "reference", "train", "sample", "evaluate"]
     path, env = repo
-    first = run(["make", "demo"], path, env)
-    assert ran_stages(first.stdout) == ["prepare", "reference", "train", "sample", "evaluate"]
-    report = first.stdout[first.stdout.index("FID ") :]
+    report = first[first.index("FID ") :]
     assert "biased" in report and "results/samples/grid.png" in report and "make ui" in report
     run_id = (path / "results" / "train" / "mlflow_run_id").read_text().strip()
     assert f"MLflow run:     {run_id}" in report
@@ -152,7 +218,6 @@ def test_make_demo_runs_everything_then_only_what_changed(repo):
 def test_a_fresh_run_that_makes_the_same_results_leaves_dvc_lock_as_it_was(repo):
     """dvc.lock records results only: a new MLflow run, other timings and fresh checkpoints change nothing."""
     path, env = repo
-    run([str(BIN / "dvc"), "repro", "evaluate"], path, env)  # up to date (the test above leaves it so)
     lock = (path / "dvc.lock").read_text()
     old_run = (path / "results" / "train" / "mlflow_run_id").read_text()
     shutil.rmtree(path / "results")  # every file train, sample and evaluate wrote, and the checkpoints
@@ -167,74 +232,59 @@ def test_a_fresh_run_that_makes_the_same_results_leaves_dvc_lock_as_it_was(repo)
 def test_what_cannot_change_a_result_reruns_nothing_downstream(served_repo):
     path, env = served_repo
     dvc = str(BIN / "dvc")
-    run([dvc, "repro", "evaluate"], path, env)  # up to date (the test above leaves it so)
-    saved = {name: (path / name).read_text() for name in ("params.yaml", "tasks/train.py", "dvc.lock")}
     model_pt = path / "results" / "train" / "model.pt"
     model_bytes = model_pt.read_bytes()
-    try:
-        # Keys that only change how a stage runs are no stage's DVC params: nothing reruns.
-        params = yaml.safe_load(saved["params.yaml"])
-        params["train"]["log_every"] = 1
-        params["train"]["num_workers"] = 1
-        params["sample"]["device"] = "cpu"
-        params["evaluate"]["num_workers"] = 1
-        params["tracking"]["experiment"] = "elsewhere"
-        (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        assert ran_stages(run([dvc, "repro", "evaluate"], path, env).stdout) == []
+    # Keys that only change how a stage runs are no stage's DVC params: nothing reruns.
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["train"]["log_every"] = 1
+    params["train"]["num_workers"] = 1
+    params["sample"]["device"] = "cpu"
+    params["evaluate"]["num_workers"] = 1
+    params["tracking"]["experiment"] = "elsewhere"
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran_stages(run([dvc, "repro", "evaluate"], path, env).stdout) == []
 
-        # Code that only training runs: train reruns, resumes at its last step and writes the same model.pt,
-        # so neither sampling nor the FID is redone.
-        (path / "tasks" / "train.py").write_text(saved["tasks/train.py"] + "# an edit that changes no result\n")
-        assert ran_stages(run([dvc, "repro", "evaluate"], path, env).stdout) == ["train"]
-        assert model_pt.read_bytes() == model_bytes
-        assert "up to date" in run([dvc, "status", "evaluate"], path, env).stdout
-    finally:
-        for name, text in saved.items():
-            (path / name).write_text(text)
+    # Code that only training runs: train reruns, resumes at its last step and writes the same model.pt,
+    # so neither sampling nor the FID is redone.
+    train_py = path / "tasks" / "train.py"
+    train_py.write_text(train_py.read_text() + "# an edit that changes no result\n")
+    assert ran_stages(run([dvc, "repro", "evaluate"], path, env).stdout) == ["train"]
+    assert model_pt.read_bytes() == model_bytes
+    assert "up to date" in run([dvc, "status", "evaluate"], path, env).stdout
 
 
 def test_ddim_sweep_runs_one_stage_per_cell_and_only_new_cells_later(served_repo):
     path, env = served_repo
-    saved = {name: (path / name).read_text() for name in ("params.yaml", "dvc.lock")}
-    try:
-        out = run([str(BIN / "ddim"), "sweep"], path, env)
-        assert [s for s in ran_stages(out.stdout + out.stderr) if s.startswith("sweep")] == [
-            "sweep@2-0.0",
-            "sweep-table",
-        ]
-        table = (path / "results" / "sweep" / "table.csv").read_text().splitlines()
-        assert table[0].startswith("steps,eta,spacing,nfe,fid") and len(table) == 2
-        assert json.loads(out.stdout.splitlines()[-1])["cells"] == 1
+    out = run([str(BIN / "ddim"), "sweep"], path, env)
+    assert [s for s in ran_stages(out.stdout + out.stderr) if s.startswith("sweep")] == [
+        "sweep@2-0.0",
+        "sweep-table",
+    ]
+    table = (path / "results" / "sweep" / "table.csv").read_text().splitlines()
+    assert table[0].startswith("steps,eta,spacing,nfe,fid") and len(table) == 2
+    assert json.loads(out.stdout.splitlines()[-1])["cells"] == 1
 
-        out = run([str(BIN / "ddim"), "sweep", "--set", "sweep.steps=[2,3]"], path, env)
-        ran = [s for s in ran_stages(out.stdout + out.stderr) if s.startswith("sweep")]
-        assert ran == ["sweep@3-0.0", "sweep-table"], "the cell already there is up to date"
-        assert len((path / "results" / "sweep" / "table.csv").read_text().splitlines()) == 3
-    finally:
-        for name, text in saved.items():
-            (path / name).write_text(text)
+    out = run([str(BIN / "ddim"), "sweep", "--set", "sweep.steps=[2,3]"], path, env)
+    ran = [s for s in ran_stages(out.stdout + out.stderr) if s.startswith("sweep")]
+    assert ran == ["sweep@3-0.0", "sweep-table"], "the cell already there is up to date"
+    assert len((path / "results" / "sweep" / "table.csv").read_text().splitlines()) == 3
 
 
 def test_ddim_reconstruct_and_interpolate_are_dvc_stages(served_repo):
     """The README's `ddim reconstruct` and `ddim interpolate`, as DVC runs them; a second repro runs nothing."""
     path, env = served_repo
-    saved = (path / "dvc.lock").read_text()
-    try:
-        out = run([str(BIN / "dvc"), "repro", "reconstruct", "interpolate"], path, env)
-        # In either order; upstream stages rerun too when an earlier test left them out of date.
-        assert {"interpolate", "reconstruct"} <= set(ran_stages(out.stdout + out.stderr))
-        latent = path / "results" / "latent"
-        table = (latent / "reconstruct.csv").read_text().splitlines()
-        assert table[0].startswith("steps,spacing,nfe,mse") and [r.split(",")[0] for r in table[1:]] == ["2", "4"]
-        assert {"reconstruct.md", "reconstruct.png", "interpolation.png", "interpolation.json"} <= {
-            p.name for p in latent.iterdir()
-        }
-        shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], path, env).stdout)
-        assert "results/latent/reconstruct.json" in json.dumps(shown)
-        again = run([str(BIN / "dvc"), "repro", "reconstruct", "interpolate"], path, env)
-        assert ran_stages(again.stdout + again.stderr) == []
-    finally:
-        (path / "dvc.lock").write_text(saved)
+    out = run([str(BIN / "dvc"), "repro", "reconstruct", "interpolate"], path, env)
+    assert sorted(ran_stages(out.stdout + out.stderr)) == ["interpolate", "reconstruct"]  # in either order
+    latent = path / "results" / "latent"
+    table = (latent / "reconstruct.csv").read_text().splitlines()
+    assert table[0].startswith("steps,spacing,nfe,mse") and [r.split(",")[0] for r in table[1:]] == ["2", "4"]
+    assert {"reconstruct.md", "reconstruct.png", "interpolation.png", "interpolation.json"} <= {
+        p.name for p in latent.iterdir()
+    }
+    shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], path, env).stdout)
+    assert "results/latent/reconstruct.json" in json.dumps(shown)
+    again = run([str(BIN / "dvc"), "repro", "reconstruct", "interpolate"], path, env)
+    assert ran_stages(again.stdout + again.stderr) == []
 
 
 def _latest_pipeline_run_artifacts() -> set[str]:
@@ -375,8 +425,7 @@ def chromium() -> str:
 def test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them(repo, chromium):
     from pipelines.browser import mlflow_experiment_url, prefect_runs_url
 
-    path, env = repo
-    run(["make", "demo"], path, env)  # the runs to show (nothing to do when the test above ran)
+    path, env = repo  # after `make demo`: its flow runs and its training run are the ones to show
     ports = [f"PREFECT_PORT={free_port()}", f"MLFLOW_PORT={free_port()}"]
     started = run(["make", "ui", *ports], path, env)
     pids = {name: int((path / ".ui" / f"{name}.pid").read_text()) for name in ("prefect", "mlflow")}
@@ -424,16 +473,11 @@ def test_ddim_pipeline_imports_a_zip_of_images(served_repo, tmp_path):
             buffer = io.BytesIO()
             Image.new("RGB", (48, 40), (10 * i, 120, 200)).save(buffer, format="JPEG")
             zf.writestr(f"faces/{i:05d}.jpg", buffer.getvalue())
-    saved = {name: (path / name).read_text() for name in ("params.yaml", "dvc.lock")}
-    try:
-        sets = ["data.source=folder", f"data.path={archive}", "data.name=faces"]
-        out = run([str(BIN / "ddim"), "pipeline", *(a for s in sets for a in ("--set", s)), "prepare"], path, env)
-        assert ran_stages(out.stdout + out.stderr) == ["prepare"]
-        manifest = json.loads((path / "data" / "prepared" / "faces" / "manifest.json").read_text())
-        assert manifest["count"] == 20 and manifest["height"] == 16
-    finally:
-        for name, text in saved.items():
-            (path / name).write_text(text)
+    sets = ["data.source=folder", f"data.path={archive}", "data.name=faces"]
+    out = run([str(BIN / "ddim"), "pipeline", *(a for s in sets for a in ("--set", s)), "prepare"], path, env)
+    assert ran_stages(out.stdout + out.stderr) == ["prepare"]
+    manifest = json.loads((path / "data" / "prepared" / "faces" / "manifest.json").read_text())
+    assert manifest["count"] == 20 and manifest["height"] == 16
 
 
 def test_a_pretrained_model_is_imported_instead_of_trained(served_repo, tmp_path):
@@ -441,25 +485,18 @@ def test_a_pretrained_model_is_imported_instead_of_trained(served_repo, tmp_path
     # micro U-Net's shape on disk instead of DDPM's download.
     import torch
     from diffusers import UNet2DModel
-    from test_import import SMALL
 
     path, env = served_repo
     torch.manual_seed(0)
     UNet2DModel(**SMALL).save_pretrained(tmp_path / "ddpm-small")
-    saved = {name: (path / name).read_text() for name in ("params.yaml", "dvc.lock")}
-    try:
-        out = run([str(BIN / "ddim"), "pipeline", "--set", f"model.pretrained={tmp_path / 'ddpm-small'}"], path, env)
-        assert ran_stages(out.stdout + out.stderr) == ["train", "sample", "evaluate"]
-        state = torch.load(path / "results" / "train" / "model.pt", weights_only=True)
-        assert state["source"]["kind"] == "import" and state["source"]["layout"] == "diffusers"
-        assert json.loads(out.stdout.splitlines()[-1])["metrics"][0]["fid"] > 0
-    finally:
-        for name, text in saved.items():
-            (path / name).write_text(text)
+    out = run([str(BIN / "ddim"), "pipeline", "--set", f"model.pretrained={tmp_path / 'ddpm-small'}"], path, env)
+    assert ran_stages(out.stdout + out.stderr) == ["train", "sample", "evaluate"]
+    state = torch.load(path / "results" / "train" / "model.pt", weights_only=True)
+    assert state["source"]["kind"] == "import" and state["source"]["layout"] == "diffusers"
+    assert json.loads(out.stdout.splitlines()[-1])["metrics"][0]["fid"] > 0
 
 
 def test_switching_profile_is_one_command_that_dvc_params_diff_shows(repo):
-    # Last in this module: it leaves the shared repository on another profile.
     path, env = repo
     ddim = [str(BIN / "ddim"), "profile", "--profiles", str(ROOT / "profiles")]
     out = subprocess.run([*ddim, "no-such"], cwd=path, env=env, capture_output=True, text=True)

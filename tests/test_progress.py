@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-import tasks.progress
+import tasks.common.progress
 
 
 class Terminal(io.StringIO):
@@ -15,9 +15,9 @@ class Terminal(io.StringIO):
 
 
 def test_a_log_gets_a_line_per_interval_and_no_carriage_returns(monkeypatch):
-    monkeypatch.setattr(tasks.progress, "LOG_INTERVAL", 3600.0)
+    monkeypatch.setattr(tasks.common.progress, "LOG_INTERVAL", 3600.0)
     log = io.StringIO()
-    with tasks.progress.progress_bar(total=1000, desc="sample", unit="img", file=log) as bar:
+    with tasks.common.progress.progress_bar(total=1000, desc="sample", unit="img", file=log) as bar:
         for _ in range(1000):
             bar.update(1)
     lines = log.getvalue().splitlines()
@@ -28,6 +28,6 @@ def test_a_log_gets_a_line_per_interval_and_no_carriage_returns(monkeypatch):
 @pytest.mark.parametrize("leave", [True, False])
 def test_a_terminal_keeps_the_live_bar(leave):
     term = Terminal()
-    for _ in tasks.progress.progress_bar(range(3), desc="x", file=term, leave=leave, mininterval=0):
+    for _ in tasks.common.progress.progress_bar(range(3), desc="x", file=term, leave=leave, mininterval=0):
         pass
     assert "\r" in term.getvalue()

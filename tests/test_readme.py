@@ -99,7 +99,7 @@ def test_the_first_two_commands_are_demo_and_test():
 @pytest.mark.parametrize("command", [c for c in RUN_BY if c.startswith(".venv/bin/ddim")])
 def test_readme_ddim_commands_parse_and_their_overrides_validate(command):
     from pipelines.cli import build_parser
-    from tasks.config import load_params
+    from tasks.common.config import load_params
 
     args = build_parser().parse_args(shlex.split(command)[1:])
     if getattr(args, "overrides", None):

@@ -43,14 +43,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import cli_env, free_port
+from helpers import cli_env, free_port
 from PIL import Image
 
-from tasks.config import load_params
-from tasks.data import prepare_dataset
-from tasks.files import exclusive
-from tasks.sample import run_sampling
-from tasks.train import train
+from tasks import sample, train
+from tasks.common.config import load_params
+from tasks.common.files import exclusive
+from tasks.prepare import build_dataset
 
 DDIM = str(Path(sys.executable).with_name("ddim"))
 OWN_LOCK = re.compile(r"(.*/)?\.[^/]+\.lock")
@@ -183,9 +182,9 @@ def built(tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(MICRO))
     with contextlib.chdir(root):
         params = load_params("params.yaml")
-        prepare_dataset(params.data, params.paths)
-        train(params)
-        run_sampling(params)
+        build_dataset(params.data, params.paths)
+        train.run(params)
+        sample.run(params)
     return root
 
 
@@ -306,7 +305,7 @@ def test_stages_that_start_at_once_create_one_mlflow_database(tmp_path):
     """Four processes open a new sqlite store at the same moment: without the lock, most die in a migration."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = (
-        "import sys; from tasks.tracking import mlflow_client, _experiment_id\n"
+        "import sys; from tasks.common.tracking import mlflow_client, _experiment_id\n"
         "print(_experiment_id(mlflow_client(sys.argv[1]), 'ddim', sys.argv[1]))"
     )
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, text=True) for _ in range(4)]
@@ -322,7 +321,7 @@ def test_only_what_can_succeed_on_retry_is_retried():
     from prefect.states import Failed
 
     from pipelines.flows import _retryable
-    from tasks.download import DownloadError, _transient
+    from tasks.common.download import DownloadError, _transient
 
     def http(code: int) -> urllib.error.HTTPError:
         return urllib.error.HTTPError("http://x", code, "", None, None)
@@ -361,32 +360,36 @@ def _raise(error: BaseException):
     return allocate
 
 
-def test_out_of_memory_in_training_names_train_batch_size(copy, monkeypatch, capsys):
+def test_out_of_memory_in_training_names_train_batch_size(copy, tmp_path, monkeypatch, capsys):
     """As one rank under torchrun runs it (the CLI has a handler of its own around its flows, tested with `ddim
     evaluate A B` below); the U-Net's forward pass stands in for the allocator, which raises this on a GPU."""
     from models.unet import UNet
-    from tasks import train as train_stage
+    from pipelines import ranks
 
     monkeypatch.chdir(copy)
     monkeypatch.setattr(UNet, "forward", _raise(torch.OutOfMemoryError(CUDA_OOM)))
-    assert train_stage.main(["--params", "params.yaml", "--set", "train.steps=4"]) == 1
+    result = tmp_path / "result.json"
+    assert ranks.main(["train", "--result", str(result), "--params", "params.yaml", "--set", "train.steps=4"]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"ddim train: error: the device ran out of memory ({CUDA_OOM}): lower train.batch_size")
     assert "(--set train.batch_size=N)" in last and "train.nproc_per_node" in last
+    assert json.loads(result.read_text()) == {"error": last.removeprefix("ddim train: error: ")}
 
 
-def test_out_of_memory_in_sampling_and_in_ddim_evaluate(copy, monkeypatch, capsys):
+def test_out_of_memory_in_sampling_and_in_ddim_evaluate(copy, tmp_path, monkeypatch, capsys):
     from models.unet import UNet
-    from pipelines import cli
-    from tasks import fid
-    from tasks import sample as sample_stage
+    from pipelines import cli, ranks
+    from tasks.common import fid
 
     monkeypatch.chdir(copy)
     monkeypatch.setattr(UNet, "forward", _raise(RuntimeError("MPS backend out of memory (MPS allocated: 9 GB)")))
-    assert sample_stage.main(["--params", "params.yaml", "--set", "paths.samples=results/s2"]) == 1
+    result = tmp_path / "result.json"
+    elsewhere = ["--set", "paths.samples=results/s2"]
+    assert ranks.main(["sample", "--result", str(result), "--params", "params.yaml", *elsewhere]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("ddim sample: error: the device ran out of memory (MPS backend out of memory")
     assert last.endswith("lower sample.batch_size (--set sample.batch_size=N)")
+    assert json.loads(result.read_text()) == {"error": last.removeprefix("ddim sample: error: ")}
 
     monkeypatch.setattr(fid, "fid_between", _raise(torch.OutOfMemoryError(CUDA_OOM)))
     assert cli.main(["evaluate", "results/samples/images", "results/samples/images"]) == 1
@@ -398,7 +401,7 @@ def test_out_of_memory_in_sampling_and_in_ddim_evaluate(copy, monkeypatch, capsy
 
 
 def test_a_runtime_error_that_is_not_out_of_memory_stays_a_bug():
-    from tasks.errors import out_of_memory
+    from tasks.common.errors import out_of_memory
 
     assert out_of_memory("train", RuntimeError("shape mismatch")) is None
     assert out_of_memory("train", ValueError("out of memory")) is None

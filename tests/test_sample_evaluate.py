@@ -14,34 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from helpers import read_images
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_train import setup_run
 
-from tasks.config import load_params
-from tasks.fid import EvaluationError, fid_between, frechet_distance, statistics
-from tasks.inception import InceptionError, install_fid_weights, weights_path
-from tasks.sample import run_sampling
-from tasks.train import train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """A tiny model trained for a few steps; returns its params file (samples/metrics paths inside tmp)."""
-    root = tmp_path_factory.mktemp("trained")
-    params_file = setup_run(root, f"sqlite:///{root / 'mlflow.db'}", steps=6, deterministic=False)
-    raw = yaml.safe_load(params_file.read_text())
-    raw["paths"].update(reference=str(root / "ref"), samples=str(root / "samples"), metrics=str(root / "metrics.json"))
-    raw["sample"] = {"num_samples": 8, "batch_size": 8, "steps": 5, "spacing": "trailing"}
-    raw["evaluate"] = {"reference_count": 16, "batch_size": 16, "num_workers": 0}
-    params_file.write_text(yaml.safe_dump(raw))
-    train(load_params(params_file))
-    return params_file
-
-
-def read_images(folder: Path, n: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(folder / "images" / f"{i:06d}.png")) for i in range(n)])
+from tasks import sample
+from tasks.common.config import load_params
+from tasks.common.fid import EvaluationError, fid_between, frechet_distance, statistics
+from tasks.common.inception import InceptionError, install_fid_weights, weights_path
 
 
 @pytest.mark.parametrize(
@@ -58,7 +38,7 @@ def test_image_i_is_the_same_for_batch_sizes_3_and_8(trained, tmp_path, sampler)
     for bs in (3, 8):
         out = tmp_path / f"bs{bs}"
         params = load_params(trained, [*sampler, f"sample.batch_size={bs}", f"paths.samples={out}"])
-        stats = run_sampling(params)
+        stats = sample.run(params)
         assert stats["complete"] and stats["num_samples"] == 8
         images[bs] = read_images(out, 8).astype(int)
     # Convolutions may pick other kernels for other batch sizes: allow one grey level of rounding, rarely.
@@ -70,12 +50,12 @@ def test_image_i_is_the_same_for_batch_sizes_3_and_8(trained, tmp_path, sampler)
 @pytest.mark.integration
 def test_sampling_resumes_after_a_kill(trained, tmp_path):
     reference = tmp_path / "reference"
-    run_sampling(load_params(trained, ["sample.num_samples=120", "sample.batch_size=4", f"paths.samples={reference}"]))
+    sample.run(load_params(trained, ["sample.num_samples=120", "sample.batch_size=4", f"paths.samples={reference}"]))
 
     out = tmp_path / "killed"
     script = (
-        "import sys; from tasks.config import load_params; from tasks.sample import run_sampling; "
-        "run_sampling(load_params(sys.argv[1], sys.argv[2:]))"
+        "import sys; from tasks.common.config import load_params; from tasks import sample; "
+        "sample.run(load_params(sys.argv[1], sys.argv[2:]))"
     )
     args = [str(trained), "sample.num_samples=120", "sample.batch_size=4", f"paths.samples={out}"]
     proc = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -89,7 +69,7 @@ def test_sampling_resumes_after_a_kill(trained, tmp_path):
     for p in (out / "images").glob("*.png"):
         Image.open(p).load()  # every file on disk is a whole PNG
 
-    stats = run_sampling(load_params(trained, args[1:]))
+    stats = sample.run(load_params(trained, args[1:]))
     assert stats["complete"] and stats["images_generated_now"] < 120
     np.testing.assert_array_equal(read_images(out, 120), read_images(reference, 120))
     assert not list((out / "images").glob(".*")), "no temporary files left"
@@ -99,9 +79,9 @@ def test_sampling_resumes_after_a_kill(trained, tmp_path):
 
 def test_a_changed_sampling_config_starts_over(trained, tmp_path):
     out = tmp_path / "s"
-    run_sampling(load_params(trained, [f"paths.samples={out}", "sample.num_samples=4", "sample.batch_size=4"]))
+    sample.run(load_params(trained, [f"paths.samples={out}", "sample.num_samples=4", "sample.batch_size=4"]))
     first = read_images(out, 4)
-    stats = run_sampling(
+    stats = sample.run(
         load_params(trained, [f"paths.samples={out}", "sample.num_samples=4", "sample.batch_size=4", "sample.steps=3"])
     )
     assert stats["images_generated_now"] == 4
@@ -118,29 +98,29 @@ def test_a_folder_holding_files_the_stage_did_not_write_is_refused_untouched(tra
     from tasks.sample import SampleOutputError
 
     out = tmp_path / "results"
-    run_sampling(load_params(trained, [f"paths.samples={out}", "sample.num_samples=2"]))
+    sample.run(load_params(trained, [f"paths.samples={out}", "sample.num_samples=2"]))
     (out / "train").mkdir()
     (out / "train" / "model.pt").write_bytes(b"the user's model")
     (out / "images" / "notes.txt").write_text("mine")
     before = snapshot(out)
     with pytest.raises(SampleOutputError, match=r"did not write \(images/notes.txt, train\): point paths.samples"):
-        run_sampling(load_params(trained, [f"paths.samples={out}", "sample.num_samples=2", "sample.steps=3"]))
+        sample.run(load_params(trained, [f"paths.samples={out}", "sample.num_samples=2", "sample.steps=3"]))
     assert snapshot(out) == before
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text('{"my": "settings"}')
     with pytest.raises(SampleOutputError, match=r"config.json \(not written by ddim sample\)"):
-        run_sampling(load_params(trained, [f"paths.samples={mine}"]))
+        sample.run(load_params(trained, [f"paths.samples={mine}"]))
     assert snapshot(mine) == {"config.json": b'{"my": "settings"}'}
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(SampleOutputError, match="is a file, not a folder"):
-        run_sampling(load_params(trained, [f"paths.samples={tmp_path / 'a-file'}"]))
+        sample.run(load_params(trained, [f"paths.samples={tmp_path / 'a-file'}"]))
 
 
 @pytest.mark.integration
 def test_ddim_sample_refuses_a_foreign_folder_with_one_line(trained, tmp_path):
-    from conftest import cli_env
+    from helpers import cli_env
 
     out = tmp_path / "results"
     (out / "train").mkdir(parents=True)
@@ -163,17 +143,17 @@ def test_ddim_sample_refuses_a_foreign_folder_with_one_line(trained, tmp_path):
 
 def test_starting_over_deletes_the_stages_files_and_leftovers_of_a_kill(trained, tmp_path):
     out = tmp_path / "s"
-    run_sampling(load_params(trained, [f"paths.samples={out}", "sample.num_samples=3"]))
+    sample.run(load_params(trained, [f"paths.samples={out}", "sample.num_samples=3"]))
     (out / "images" / ".000007.png.abc123.tmp").write_bytes(b"cut short by a kill")
-    run_sampling(load_params(trained, [f"paths.samples={out}", "sample.num_samples=2", "sample.steps=3"]))
+    sample.run(load_params(trained, [f"paths.samples={out}", "sample.num_samples=2", "sample.steps=3"]))
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png"]
 
 
 def test_a_model_trained_for_another_diffusion_is_refused(trained, tmp_path):
-    from tasks.checkpoint import ModelFileError
+    from tasks.common.checkpoint import ModelFileError
 
     with pytest.raises(ModelFileError, match="was trained with diffusion=.*params say otherwise"):
-        run_sampling(load_params(trained, ["diffusion.beta_end=0.03", f"paths.samples={tmp_path / 's'}"]))
+        sample.run(load_params(trained, ["diffusion.beta_end=0.03", f"paths.samples={tmp_path / 's'}"]))
     assert not (tmp_path / "s").exists()
 
 
@@ -182,14 +162,14 @@ def test_sample_compile_gives_the_eager_images(trained, tmp_path):
     """sample.compile=true (what auto does on CUDA) runs the compiled network and gives the eager images."""
     images = {}
     for mode in ("true", "false"):
-        run_sampling(load_params(trained, [f"sample.compile={mode}", f"paths.samples={tmp_path / mode}"]))
+        sample.run(load_params(trained, [f"sample.compile={mode}", f"paths.samples={tmp_path / mode}"]))
         images[mode] = read_images(tmp_path / mode, 8).astype(int)
     diff = np.abs(images["true"] - images["false"])
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 def test_sample_compile_auto_compiles_on_cuda_only(trained, monkeypatch):
-    from tasks.sampling import load_for_sampling
+    from tasks.common.inference import load_for_sampling
 
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
@@ -202,8 +182,8 @@ def test_sample_compile_auto_compiles_on_cuda_only(trained, monkeypatch):
 def test_two_seeds_never_share_an_images_noise(trained, tmp_path):
     # With seed + i, seed 1's image 0 was seed 0's image 1 (eta 0: the same image).
     common = ["sample.num_samples=2", "sample.batch_size=2", "sample.eta=0.0"]
-    run_sampling(load_params(trained, [*common, "sample.seed=0", f"paths.samples={tmp_path / 'seed0'}"]))
-    run_sampling(load_params(trained, [*common, "sample.seed=1", f"paths.samples={tmp_path / 'seed1'}"]))
+    sample.run(load_params(trained, [*common, "sample.seed=0", f"paths.samples={tmp_path / 'seed0'}"]))
+    sample.run(load_params(trained, [*common, "sample.seed=1", f"paths.samples={tmp_path / 'seed1'}"]))
     seed0, seed1 = read_images(tmp_path / "seed0", 2), read_images(tmp_path / "seed1", 2)
     assert not np.array_equal(seed1[0], seed0[1]) and not np.array_equal(seed1[1], seed0[0])
 
@@ -211,22 +191,21 @@ def test_two_seeds_never_share_an_images_noise(trained, tmp_path):
 def test_a_complete_rerun_changes_no_file_even_on_another_device_setting(trained, tmp_path):
     out = tmp_path / "s"
     overrides = [f"paths.samples={out}", "sample.num_samples=4", "sample.batch_size=4"]
-    first = run_sampling(load_params(trained, overrides))
+    first = sample.run(load_params(trained, overrides))
     files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()}
-    again = run_sampling(load_params(trained, [*overrides, "sample.device=cpu"]))  # runtime keys make no new images
+    again = sample.run(load_params(trained, [*overrides, "sample.device=cpu"]))  # runtime keys make no new images
     assert again.items() <= first.items()  # first also has its run's timing
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.rglob("*")) if p.is_file()} == files
 
 
 @pytest.mark.slow  # Inception on the CPU
 def test_evaluate_describes_the_images_it_scored_not_the_current_params(trained, tmp_path):
-    from tasks.evaluate import evaluate_samples
-    from tasks.reference import compute_reference
+    from tasks import evaluate, reference
 
     overrides = [f"paths.samples={tmp_path / 's'}", f"paths.metrics={tmp_path / 'm.json'}", "sample.steps=5"]
-    run_sampling(load_params(trained, overrides))
-    compute_reference(load_params(trained))
-    metrics = evaluate_samples(load_params(trained, [*overrides[:2], "sample.steps=7", "sample.eta=0.3"]))
+    sample.run(load_params(trained, overrides))
+    reference.run(load_params(trained))
+    metrics = evaluate.run(load_params(trained, [*overrides[:2], "sample.steps=7", "sample.eta=0.3"]))
     assert (metrics["steps"], metrics["eta"]) == (5, 0.0)
 
 
@@ -281,7 +260,7 @@ def test_fid_numerics_small_sets_and_too_few_images(tmp_path):
 
 
 def shapes_folder(folder: Path, seed: int, n: int = 12) -> Path:
-    from tasks.data import shape_image
+    from tasks.prepare import shape_image
 
     folder.mkdir(parents=True)
     for i in range(n):
@@ -309,7 +288,7 @@ def test_fid_agrees_with_the_pytorch_fid_cli_and_is_zero_against_itself(tmp_path
 
 
 def test_missing_weights_name_the_fix(tmp_path, monkeypatch):
-    from tasks import inception
+    from tasks.common import inception
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "empty-hub"))
 
@@ -326,11 +305,11 @@ def test_missing_weights_name_the_fix(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_sample_reference_evaluate_flows(prefect_server, trained):
-    from pipelines.flows import evaluate_flow, reference_flow, sample_flow
+    from pipelines.flows import FLOWS
 
-    assert sample_flow(params_file=str(trained), return_state=True).is_completed()
-    assert reference_flow(params_file=str(trained), return_state=True).is_completed()
-    state = evaluate_flow(params_file=str(trained), return_state=True)
+    assert FLOWS["sample"](params_file=str(trained), return_state=True).is_completed()
+    assert FLOWS["reference"](params_file=str(trained), return_state=True).is_completed()
+    state = FLOWS["evaluate"](params_file=str(trained), return_state=True)
     assert state.is_completed()
     metrics = json.loads((trained.parent / "metrics.json").read_text())
     assert set(metrics) == {
@@ -374,7 +353,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the server's parent-death signal is Linux's")
 def test_sigterm_stops_ddim_sample_with_one_line_and_sigkill_leaves_no_server(trained, tmp_path):
-    from conftest import cli_env
+    from helpers import cli_env
 
     out = tmp_path / "s"
     ddim = str(Path(sys.executable).with_name("ddim"))
@@ -412,9 +391,9 @@ def test_sigterm_stops_ddim_sample_with_one_line_and_sigkill_leaves_no_server(tr
 
 def test_nothing_non_finite_passes_silently(trained, tmp_path):
     """NaN weights, NaN samples and NaN statistics are errors, never a black image or `FID: nan`."""
-    from tasks.checkpoint import ModelFileError, load_model
-    from tasks.config import ConfigError
-    from tasks.sampling import SamplingError, load_for_sampling, sample_images
+    from tasks.common.checkpoint import ModelFileError, load_model
+    from tasks.common.config import ConfigError
+    from tasks.common.inference import SamplingError, load_for_sampling, sample_images
 
     params = load_params(trained)
     model, alphas = load_for_sampling(params, torch.device("cpu"))
@@ -442,13 +421,13 @@ def test_nothing_non_finite_passes_silently(trained, tmp_path):
 
 
 def test_reconstruction_errors_per_image_do_not_depend_on_the_batch(trained, tmp_path):
-    from tasks.reconstruct import run_reconstruct
+    from tasks import reconstruct
 
     results = {}
     for bs in (3, 8):
         sets = [f"latent.batch_size={bs}", f"paths.latent={tmp_path / str(bs)}", "latent.num_images=8"]
         params = load_params(trained, [*sets, "latent.steps=[2, 8]", "sample.precision=fp32"])
-        results[bs] = run_reconstruct(params)
+        results[bs] = reconstruct.run(params)
     rows = {bs: {r["steps"]: r for r in result["rows"]} for bs, result in results.items()}
     for steps in (2, 8):
         # The same numbers to float rounding (convolutions pick other kernels for other batch sizes).
@@ -471,19 +450,19 @@ def test_reconstruction_errors_per_image_do_not_depend_on_the_batch(trained, tmp
 
 
 def test_reconstruct_refuses_a_dataset_too_small_or_of_another_size(trained):
-    from tasks.dataset import DataError
-    from tasks.reconstruct import run_reconstruct
+    from tasks import reconstruct
+    from tasks.common.dataset import DataError
 
     with pytest.raises(DataError, match="holds 128 images, 500 are asked for"):
-        run_reconstruct(load_params(trained, ["latent.num_images=500"]))
+        reconstruct.run(load_params(trained, ["latent.num_images=500"]))
 
 
 @pytest.mark.parametrize("endpoints", ["seeds", "images"])
 def test_interpolation_grid_and_the_norms_along_each_path(trained, tmp_path, endpoints):
-    from tasks.interpolate import run_interpolate
+    from tasks import interpolate
 
     sets = [f"paths.latent={tmp_path}", "latent.pairs=2", "latent.frames=5", "latent.interpolate_steps=4"]
-    result = run_interpolate(load_params(trained, [*sets, f"latent.endpoints={endpoints}"]))
+    result = interpolate.run(load_params(trained, [*sets, f"latent.endpoints={endpoints}"]))
     assert result["rows"] == ["pair 0: slerp", "pair 0: lerp", "pair 1: slerp", "pair 1: lerp"]
     grid = np.asarray(Image.open(tmp_path / "interpolation.png"))
     assert grid.shape == (4 * 18 + 2, 5 * 18 + 2, 3)

@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import read_images
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_sample_evaluate import read_images, trained  # noqa: F401 - `trained` is a fixture
 
-from tasks.config import load_params
-from tasks.fid import FeatureStats, fid_between, statistics
-from tasks.reference import compute_reference
-from tasks.sample import run_sampling
-from tasks.sweep import PAPER_FID, paper_fid, run_cell, write_table
+from tasks import reference, sweep, sweep_table
+from tasks.common.config import load_params
+from tasks.common.fid import FeatureStats, fid_between, statistics
+from tasks.sweep_table import PAPER_FID, paper_fid
 
 BIN = Path(sys.executable).parent
 
@@ -50,11 +49,11 @@ def test_running_sums_give_numpys_mean_and_covariance():
 
 
 @pytest.mark.slow  # Inception on the CPU
-def test_a_cells_fid_is_the_fid_of_its_images_as_png_files(trained, tmp_path):  # noqa: F811
+def test_a_cells_fid_is_the_fid_of_its_images_as_png_files(trained, tmp_path):
     params_file = with_sweep(trained, tmp_path, images=True)
     params = load_params(params_file)
-    compute_reference(params)
-    cell = run_cell(params, steps=3, eta=0.0)
+    reference.run(params)
+    cell = sweep.run(params, steps=3, eta=0.0)
     assert cell["num_samples"] == 10, "every requested image, though 10 is not a multiple of the batch size 4"
     images = tmp_path / "sweep" / "cells" / "steps3-eta0.0"
     pngs = sorted(images.glob("*.png"))
@@ -65,9 +64,11 @@ def test_a_cells_fid_is_the_fid_of_its_images_as_png_files(trained, tmp_path):  
     assert written["fid"] == cell["fid"] and "seconds" not in written, "the run's time is MLflow's, not DVC's"
 
     # The same images as the sample stage draws for that config.
+    from tasks import sample
+
     samples = tmp_path / "samples"
-    sample = ["sample.steps=3", "sample.eta=0.0", "sample.spacing=quad", "sample.num_samples=10"]
-    run_sampling(load_params(params_file, [*sample, f"paths.samples={samples}"]))
+    sets = ["sample.steps=3", "sample.eta=0.0", "sample.spacing=quad", "sample.num_samples=10"]
+    sample.run(load_params(params_file, [*sets, f"paths.samples={samples}"]))
     np.testing.assert_array_equal(read_images(samples, 10), np.stack([np.asarray(Image.open(p)) for p in pngs]))
 
     run = MlflowClient(tracking_uri=params.tracking.uri).get_run(cell["mlflow_run_id"])
@@ -94,7 +95,7 @@ def test_the_table_reads_the_current_grid_and_puts_ddims_table_beside_it(tmp_pat
             "num_samples": 50_000,
         }
         (cells / f"steps{steps}-eta{eta}.json").write_text(json.dumps(cell))
-    result = write_table(params)
+    result = sweep_table.run(params)
     assert [(c["steps"], c["eta"]) for c in result["cells"]] == [(10, 0.0), (10, 1.0), (100, 0.0), (100, 1.0)], (
         "not the stale 20-step cell"
     )
@@ -118,14 +119,16 @@ def test_ddims_table_applies_only_to_the_run_it_measured(tmp_path):
     assert set(PAPER_FID) == {0.0, 0.2, 0.5, 1.0}
 
 
-def torchrun(nproc: int, module: str, *args: str) -> dict:
-    """Rank 0's result of ``python -m module args`` as ``nproc`` ranks, each on one thread."""
-    command = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}", "-m", module, *args]
+def torchrun(nproc: int, stage: str, result: Path, *args: str) -> dict:
+    """Rank 0's result (the file ``result``) of ``python -m pipelines.ranks stage args`` as ``nproc`` ranks, each
+    on one thread."""
+    launcher = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={nproc}"]
+    command = [*launcher, "-m", "pipelines.ranks", stage, "--result", str(result), *args]
     out = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(result.read_text())
 
 
 @pytest.fixture
@@ -138,21 +141,24 @@ def one_thread():
 
 
 @pytest.mark.integration
-def test_two_processes_draw_the_same_images_and_get_the_same_fid_as_one(trained, tmp_path, one_thread):  # noqa: F811
+def test_two_processes_draw_the_same_images_and_get_the_same_fid_as_one(trained, tmp_path, one_thread):
     # One image per batch and one thread per process: float rounding in convolutions depends on the batch's
     # shape and the thread count, which one process and two would otherwise split differently.
+    from tasks import sample
+
     params_file = with_sweep(trained, tmp_path, eta=[1.0], batch_size=1)
     params = load_params(params_file)
-    compute_reference(params)
-    one = run_cell(params, steps=3, eta=1.0)
-    two = torchrun(2, "tasks.sweep", "--steps", "3", "--eta", "1.0", "--params", str(params_file))
+    reference.run(params)
+    one = sweep.run(params, steps=3, eta=1.0)
+    cell = ["--steps", "3", "--eta", "1.0", "--params", str(params_file)]
+    two = torchrun(2, "sweep-cell", tmp_path / "cell.json", *cell)
     assert (one["processes"], two["processes"]) == (1, 2) and one["num_samples"] == two["num_samples"] == 10
     assert two["fid"] == pytest.approx(one["fid"], abs=1e-6)
 
-    sample = ["sample.steps=3", "sample.eta=1.0", "sample.num_samples=10", "sample.batch_size=1"]
-    run_sampling(load_params(params_file, [*sample, f"paths.samples={tmp_path / '1'}"]))
-    sets = [a for s in [*sample, f"paths.samples={tmp_path / '2'}"] for a in ("--set", s)]
-    stats = torchrun(2, "tasks.sample", "--params", str(params_file), *sets)
+    settings = ["sample.steps=3", "sample.eta=1.0", "sample.num_samples=10", "sample.batch_size=1"]
+    sample.run(load_params(params_file, [*settings, f"paths.samples={tmp_path / '1'}"]))
+    sets = [a for s in [*settings, f"paths.samples={tmp_path / '2'}"] for a in ("--set", s)]
+    stats = torchrun(2, "sample", tmp_path / "sample.json", "--params", str(params_file), *sets)
     assert stats["complete"] and stats["num_samples"] == 10 and stats["nfe_min"] == stats["nfe_max"] == 3
     np.testing.assert_array_equal(read_images(tmp_path / "2", 10), read_images(tmp_path / "1", 10))
 
@@ -163,7 +169,7 @@ def test_dvc_and_the_cells_name_a_cell_the_same_way_whatever_the_yaml_literal(tm
     DVC's command line, and the table, reading params.yaml, must name the file the same."""
     from dvc.repo import Repo
 
-    from tasks.sweep import cell_path, number
+    from tasks.common.grid import cell_path, number
 
     root = Path(__file__).resolve().parents[1]
     text = (root / "params.yaml").read_text()

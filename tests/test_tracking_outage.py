@@ -17,10 +17,18 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, free_port
+from helpers import cli_env, free_port
 
-from tasks.config import TrackingConfig, load_params
-from tasks.tracking import NullTracker, Outbox, Tracker, TrackingWarning, log_child_run, server_answered, summarise
+from tasks.common.config import TrackingConfig, load_params
+from tasks.common.tracking import (
+    NullTracker,
+    Outbox,
+    Tracker,
+    TrackingWarning,
+    log_child_run,
+    server_answered,
+    summarise,
+)
 
 BIN = Path(sys.executable).parent
 PROJECT = {
@@ -208,7 +216,7 @@ def test_a_server_that_does_not_answer_at_the_start_leaves_the_run_untracked_wit
     assert time.monotonic() - started < 30
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        NullTracker().finish("FINISHED")
+        NullTracker().finish("FINISHED", 0)
 
 
 def test_what_counts_as_an_answer_of_the_store():
@@ -225,11 +233,11 @@ def test_what_counts_as_an_answer_of_the_store():
 def test_a_resumed_run_whose_mlflow_run_is_gone_starts_a_new_tracked_run(project):
     """The sqlite store was deleted (or tracking.uri changed) between two runs of a recipe: its stored run id
     names no run there, which is the store's answer, not an outage: a new run is tracked."""
-    from tasks.train import train
+    from tasks import train
 
-    first = train(load_params("params.yaml", ["train.steps=4", "train.checkpoint_every=2"]))
+    first = train.run(load_params("params.yaml", ["train.steps=4", "train.checkpoint_every=2"]))
     other = f"tracking.uri=sqlite:///{project / 'other.db'}"  # a new store (in one process: a deleted one stays open)
-    again = train(load_params("params.yaml", ["train.steps=6", "train.checkpoint_every=2", other]))
+    again = train.run(load_params("params.yaml", ["train.steps=6", "train.checkpoint_every=2", other]))
     assert again["resumed_from"] == 4 and again["mlflow_run_id"] not in (None, first["mlflow_run_id"])
 
 

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import cli_env
+from helpers import cli_env, setup_run
 from mlflow.tracking import MlflowClient
 
 from models.unet import UNet
-from tasks.checkpoint import load_model
-from tasks.config import ConfigError, load_params
-from tasks.data import prepare_dataset
-from tasks.train import TrainingError, train
+from tasks import train
+from tasks.common.checkpoint import load_model
+from tasks.common.config import ConfigError, load_params
+from tasks.train import TrainingError
 
 BIN = Path(sys.executable).parent
 
@@ -32,59 +31,39 @@ def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
-def setup_run(tmp_path: Path, mlflow_uri: str, **train) -> Path:
-    """A params file for a tiny model on 128 shapes at 16 px, with the dataset prepared."""
-    params = {
-        "paths": {
-            "raw": str(tmp_path / "raw"),
-            "prepared": str(tmp_path / "prepared"),
-            "checkpoints": str(tmp_path / "ckpt"),
-            "train": str(tmp_path / "out"),
-        },
-        "data": {"name": "s", "source": "shapes", "image_size": 16, "count": 128},
-        "model": {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [8], "dropout": 0.1},
-        "train": {
-            "steps": 30,
-            "batch_size": 16,
-            "lr": 1e-3,
-            "warmup": 5,
-            "log_every": 5,
-            "sample_every": 0,
-            "sample_steps": 4,
-            "checkpoint_every": 10,
-            "num_workers": 0,
-            "deterministic": True,
-            **train,
-        },
-        "tracking": {"uri": mlflow_uri, "experiment": "test"},
-    }
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    loaded = load_params(path)
-    if not (tmp_path / "prepared" / "s").exists():
-        prepare_dataset(loaded.data, loaded.paths)
-    return path
-
-
 def metrics_rows(tmp_path: Path) -> list[dict[str, str]]:
     with open(tmp_path / "out" / "train_metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
+def rank(params: Path, *extra: str) -> list[str]:
+    """The arguments after the launcher of the train stage's ranks: rank 0's result goes to ``result_file``."""
+    return ["-m", "pipelines.ranks", "train", "--result", str(result_file(params)), "--params", str(params), *extra]
+
+
+def result_file(params: Path) -> Path:
+    return params.parent / "result.json"
+
+
+def read_result(params: Path) -> dict:
+    return json.loads(result_file(params).read_text())
+
+
 def run_train(params: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The train stage as one rank (rank 0 of 1), as ``ddim train`` launches it; its result: read_result."""
     return subprocess.run(
-        [sys.executable, "-m", "tasks.train", "--params", str(params), *extra],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=params.parent,
+        [sys.executable, *rank(params, *extra)], capture_output=True, text=True, timeout=timeout, cwd=params.parent
     )
+
+
+def no_summary_line(stdout: str) -> bool:
+    """Ranks print no JSON line: rank 0's result is in its result file."""
+    return not any(line.lstrip().startswith("{") for line in stdout.splitlines())
 
 
 def test_loss_falls_and_everything_is_logged(tmp_path, mlflow_uri):
     params = load_params(setup_run(tmp_path, mlflow_uri, steps=100, log_every=10, sample_every=50))
-    summary = train(params)
+    summary = train.run(params)
     rows = metrics_rows(tmp_path)
     assert [int(r["step"]) for r in rows] == list(range(10, 101, 10))
     first, last = float(rows[0]["loss"]), sum(float(r["loss"]) for r in rows[-3:]) / 3
@@ -113,19 +92,20 @@ def test_loss_falls_and_everything_is_logged(tmp_path, mlflow_uri):
 
 
 def test_two_runs_with_the_same_seed_are_identical(tmp_path, mlflow_uri):
-    a = train(load_params(setup_run(tmp_path / "a", mlflow_uri, steps=10)))
-    b = train(load_params(setup_run(tmp_path / "b", mlflow_uri, steps=10)))
+    a = train.run(load_params(setup_run(tmp_path / "a", mlflow_uri, steps=10)))
+    b = train.run(load_params(setup_run(tmp_path / "b", mlflow_uri, steps=10)))
     assert a["weights_sha256"] == b["weights_sha256"]
 
 
 @pytest.mark.integration
 def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, mlflow_uri):
-    reference = run_train(setup_run(tmp_path / "ref", mlflow_uri))
+    reference_params = setup_run(tmp_path / "ref", mlflow_uri)
+    reference = run_train(reference_params)
     assert reference.returncode == 0, reference.stderr
 
     params = setup_run(tmp_path / "killed", mlflow_uri, log_every=1)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.train", "--params", str(params)],
+        [sys.executable, *rank(params)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=params.parent,
@@ -141,9 +121,9 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, mlflow_uri):
 
     resumed = run_train(params)
     assert resumed.returncode == 0, resumed.stderr
-    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    summary = read_result(params)
     assert summary["resumed_from"] in (10, 20)
-    assert summary["weights_sha256"] == json.loads(reference.stdout.strip().splitlines()[-1])["weights_sha256"]
+    assert summary["weights_sha256"] == read_result(reference_params)["weights_sha256"]
     assert summary["mlflow_run_id"] == run_id.strip()
     steps = [int(r["step"]) for r in metrics_rows(tmp_path / "killed")]
     assert steps == list(range(1, 31)), "no step logged twice, none missing"
@@ -162,7 +142,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, mlflow_uri):
 def test_sigterm_writes_a_checkpoint_and_exits_non_zero(tmp_path, mlflow_uri):
     params = setup_run(tmp_path, mlflow_uri, steps=100000, checkpoint_every=100000, log_every=1)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.train", "--params", str(params)],
+        [sys.executable, *rank(params)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -178,6 +158,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_non_zero(tmp_path, mlflow_uri):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "stopped at step" in err and "Traceback" not in err
+    assert read_result(params)["error"].startswith("stopped at step"), "the error line's message, in the result file"
     saved = list((tmp_path / "ckpt").glob("*/ckpt-*.pt"))
     assert len(saved) == 1
     assert torch.load(saved[0], weights_only=True)["step"] >= 3
@@ -188,7 +169,7 @@ def test_torchrun_two_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, mlflow_
     params = setup_run(tmp_path, mlflow_uri, steps=6, batch_size=8, log_every=3, checkpoint_every=3)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", "-m", "tasks.train", "--params", str(params)],
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", *rank(params)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -196,14 +177,14 @@ def test_torchrun_two_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, mlflow_
         env=env,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    summaries = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert len(summaries) == 1, "only rank 0 prints, writes and tracks"
-    assert summaries[0]["ranks_in_sync"] is True and summaries[0]["step"] == 6
+    assert no_summary_line(out.stdout), out.stdout[-3000:]
+    summary = read_result(params)  # rank 0's: only rank 0 writes, and tracks
+    assert summary["ranks_in_sync"] is True and summary["step"] == 6
     assert [int(r["step"]) for r in metrics_rows(tmp_path)] == [3, 6]
     client = MlflowClient(tracking_uri=mlflow_uri)
     runs = client.search_runs(
         [client.get_experiment_by_name("test").experiment_id],
-        filter_string=f"tags.dataset.name = 's' and attributes.run_id = '{summaries[0]['mlflow_run_id']}'",
+        filter_string=f"tags.dataset.name = 's' and attributes.run_id = '{summary['mlflow_run_id']}'",
     )
     assert len(runs) == 1
 
@@ -211,7 +192,7 @@ def test_torchrun_two_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, mlflow_
 def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, mlflow_uri):
     params = load_params(setup_run(tmp_path, mlflow_uri, steps=40, checkpoint_every=2, log_every=2, lr=1e30, warmup=0))
     with pytest.raises(TrainingError, match=r"loss or gradient became NaN or inf at step \d+"):
-        train(params)
+        train.run(params)
     for path in (tmp_path / "ckpt").glob("*/ckpt-*.pt"):
         state = torch.load(path, weights_only=True)
         assert all(torch.isfinite(t).all() for t in state["model"].values())
@@ -233,7 +214,7 @@ def test_a_nan_gradient_on_a_checkpoint_step_is_never_checkpointed(tmp_path, mlf
     monkeypatch.setattr("tasks.train.UNet", NaNGradientAtStep8)
     params = load_params(setup_run(tmp_path, mlflow_uri, steps=20, log_every=10, checkpoint_every=4))
     with pytest.raises(TrainingError, match="NaN or inf at step 8"):
-        train(params)
+        train.run(params)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*/ckpt-*.pt")) == ["ckpt-00000004.pt"]
     (state,) = (torch.load(p, weights_only=True) for p in (tmp_path / "ckpt").glob("*/ckpt-00000004.pt"))
     assert all(torch.isfinite(t).all() for t in state["model"].values())
@@ -245,7 +226,10 @@ def test_a_nan_that_only_rank_1_sees_stops_every_rank_before_the_next_checkpoint
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     helper = Path(__file__).with_name("nan_on_one_rank.py")
     out = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", str(helper), "6", "--params", str(params)],
+        [
+            *(str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", str(helper), "6"),
+            *("--result", str(result_file(params)), "--params", str(params)),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -253,14 +237,16 @@ def test_a_nan_that_only_rank_1_sees_stops_every_rank_before_the_next_checkpoint
         env=env,
     )
     assert out.returncode != 0
-    message = "ddim train: error: the loss or gradient became NaN or inf at step 6"
-    assert out.stderr.count(message) == 2, f"both ranks stop at the same step:\n{out.stderr[-3000:]}"
+    prefix, message = "ddim train: error: ", "the loss or gradient became NaN or inf at step 6"
+    assert out.stderr.count(prefix + message) == 2, f"both ranks stop at the same step:\n{out.stderr[-3000:]}"
+    (error,) = read_result(params).values()  # the message of a rank's error line
+    assert error.startswith(message) and prefix + error in out.stderr
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("*/ckpt-*.pt")) == ["ckpt-00000004.pt"]
 
 
 def test_model_pt_holds_only_the_model_and_a_rerun_rewrites_the_same_bytes(tmp_path, mlflow_uri):
     params_file = setup_run(tmp_path, mlflow_uri, steps=10)
-    first = train(load_params(params_file))
+    first = train.run(load_params(params_file))
     model_pt = tmp_path / "out" / "model.pt"
     state = torch.load(model_pt, weights_only=True)
     assert set(state) == {"format_version", "model_config", "ema", "diffusion", "step", "dataset_sha256", "source"}
@@ -272,7 +258,8 @@ def test_model_pt_holds_only_the_model_and_a_rerun_rewrites_the_same_bytes(tmp_p
 
     before = model_pt.read_bytes()
     model_pt.unlink()  # as `dvc repro` does before it reruns the stage
-    again = train(load_params(params_file, ["train.log_every=2", "train.num_workers=1", "train.checkpoint_every=3"]))
+    settings = ["train.log_every=2", "train.num_workers=1", "train.checkpoint_every=3"]
+    again = train.run(load_params(params_file, settings))
     assert again["resumed_from"] == 10 and again["mlflow_run_id"] == first["mlflow_run_id"]
     assert model_pt.read_bytes() == before, "a settings change that cannot change the model leaves model.pt as it was"
 
@@ -319,21 +306,23 @@ def test_invalid_train_config_fails_before_any_work(tmp_path, mlflow_uri, overri
     out = run_train(params, "--set", override, timeout=120)
     assert out.returncode == 1 and out.stderr.strip().startswith("ddim train: error: invalid params:")
     assert len(out.stderr.strip().splitlines()) == 1
+    assert read_result(params) == {"error": out.stderr.strip().removeprefix("ddim train: error: ")}
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "out").exists()
 
 
 def test_a_dataset_smaller_than_a_batch_is_a_clear_error(tmp_path, mlflow_uri):
     params = load_params(setup_run(tmp_path, mlflow_uri, batch_size=256))
     with pytest.raises(TrainingError, match="fewer than one global batch"):
-        train(params)
+        train.run(params)
 
 
 def test_more_steps_resume_but_a_changed_recipe_starts_over_in_its_own_folder(tmp_path, mlflow_uri):
     params_file = setup_run(tmp_path, mlflow_uri, steps=10)
-    first = train(load_params(params_file))
-    longer = train(load_params(params_file, ["train.steps=20"]))
+    first = train.run(load_params(params_file))
+    longer = train.run(load_params(params_file, ["train.steps=20"]))
     assert longer["resumed_from"] == 10 and longer["mlflow_run_id"] == first["mlflow_run_id"]
-    changed = train(load_params(params_file, ["train.steps=20", "train.lr=0.002"]))  # another recipe: its own folder
+    # another recipe: its own folder
+    changed = train.run(load_params(params_file, ["train.steps=20", "train.lr=0.002"]))
     assert changed["resumed_from"] == 0 and changed["mlflow_run_id"] != first["mlflow_run_id"]
     assert len(list((tmp_path / "ckpt").iterdir())) == 4  # two recipe folders and their locks
 
@@ -341,9 +330,9 @@ def test_more_steps_resume_but_a_changed_recipe_starts_over_in_its_own_folder(tm
 @pytest.mark.slow  # compiling takes about 40 s on 2 CPU cores
 def test_train_compile_compiles_the_step_and_learns_what_eager_learns(tmp_path, mlflow_uri):
     params_file = setup_run(tmp_path, mlflow_uri, steps=6, log_every=3, checkpoint_every=3)
-    compiled = train(load_params(params_file, ["train.compile=true"]))
+    compiled = train.run(load_params(params_file, ["train.compile=true"]))
     compiled_rows = metrics_rows(tmp_path)
-    eager = train(load_params(params_file, ["train.resume=never", f"paths.checkpoints={tmp_path}/eager"]))
+    eager = train.run(load_params(params_file, ["train.resume=never", f"paths.checkpoints={tmp_path}/eager"]))
     for a, b in zip(compiled_rows, metrics_rows(tmp_path), strict=True):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-2)
     assert compiled["step"] == eager["step"] == 6
@@ -351,7 +340,7 @@ def test_train_compile_compiles_the_step_and_learns_what_eager_learns(tmp_path, 
 
 @pytest.mark.parametrize("precision", ["bf16", pytest.param("fp16", marks=pytest.mark.slow)])  # fp16 is slow on CPUs
 def test_mixed_precision_trains_on_cpu(tmp_path, mlflow_uri, precision):
-    summary = train(load_params(setup_run(tmp_path, mlflow_uri, steps=3, log_every=1, precision=precision)))
+    summary = train.run(load_params(setup_run(tmp_path, mlflow_uri, steps=3, log_every=1, precision=precision)))
     assert summary["step"] == 3 and 0 < summary["loss"] < 10
 
 
@@ -359,8 +348,8 @@ def test_ddim_runs_table_keeps_the_newest_repeat_and_blanks_settings_of_other_sa
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from tasks.config import TrackingConfig
-    from tasks.tracking import compare_runs, log_evaluation
+    from tasks.common.config import TrackingConfig
+    from tasks.common.tracking import compare_runs, log_evaluation
 
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="compare")
     client = MlflowClient(tracking_uri=cfg.uri)
@@ -411,13 +400,13 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, mlflow_uri
     """A read of a device tensor on the host (bool, item, tolist, float) waits for the GPU: the step has none,
     so the GPU never idles between steps (the loop reads the loss only at log steps). Adam's step counters
     are exempt: they live on the CPU on every device."""
-    from tasks.train import batches, build_run, train_step
+    from tasks.train import batches, build_trainer, train_step
 
-    run = build_run(load_params(setup_run(tmp_path, mlflow_uri)))
-    data = batches(run, 3)
-    train_step(run, next(data)[1], 0)  # the first step (a copy into the EMA) and first-call set-up
+    trainer = build_trainer(load_params(setup_run(tmp_path, mlflow_uri)))
+    data = batches(trainer, 3)
+    train_step(trainer, next(data)[1], 0)  # the first step (a copy into the EMA) and first-call set-up
 
-    counters = {id(state["step"]) for state in run.optimizer.state.values()}
+    counters = {id(state["step"]) for state in trainer.optimizer.state.values()}
 
     def refuse(name):
         original = getattr(torch.Tensor, name)
@@ -431,7 +420,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, mlflow_uri
     for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name))
     for step in (1, 2):
-        train_step(run, next(data)[1], step)
+        train_step(trainer, next(data)[1], step)
 
 
 @pytest.mark.integration
@@ -451,23 +440,27 @@ def test_two_machines_meet_at_a_rendezvous_and_train_as_two_ranks(tmp_path, mlfl
     assert "--rdzv-backend=c10d" in launcher and "--nnodes=2" in launcher and "--standalone" not in launcher
     sets = [arg for item in nodes for arg in ("--set", item)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [*launcher, "-m", "tasks.train", "--params", str(params), *sets]
-    machines = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=tmp_path, env=env) for _ in "ab"]
+    results = [tmp_path / f"result-{machine}.json" for machine in "ab"]  # each machine's rank 0 would write its own
+    machines = [
+        subprocess.Popen(
+            [*launcher, "-m", "pipelines.ranks", "train", "--result", str(result), "--params", str(params), *sets],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+        )
+        for result in results
+    ]
     outputs = [m.communicate(timeout=300)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0]
-    summaries = [json.loads(line) for out in outputs for line in out.splitlines() if line.startswith("{")]
-    assert len(summaries) == 1 and summaries[0]["ranks_in_sync"] is True and summaries[0]["step"] == 4
+    assert all(no_summary_line(out) for out in outputs)
+    summaries = [json.loads(r.read_text()) for r in results if r.is_file()]
+    assert len(summaries) == 1, "one rank 0 in the job, on one of the machines"
+    assert summaries[0]["ranks_in_sync"] is True and summaries[0]["step"] == 4
 
-    one_machine = subprocess.run(  # its own checkpoints: it must not continue the two machines' run
-        [
-            *torchrun_launcher(2),
-            "-m",
-            "tasks.train",
-            "--params",
-            str(params),
-            "--set",
-            f"paths.checkpoints={tmp_path}/b",
-        ],
+    # its own checkpoints: it must not continue the two machines' run
+    one_machine = subprocess.run(
+        [*torchrun_launcher(2), *rank(params, "--set", f"paths.checkpoints={tmp_path}/b")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -475,18 +468,18 @@ def test_two_machines_meet_at_a_rendezvous_and_train_as_two_ranks(tmp_path, mlfl
         env=env,
     )
     assert one_machine.returncode == 0, one_machine.stderr[-2000:]
-    assert json.loads(one_machine.stdout.splitlines()[-1])["weights_sha256"] == summaries[0]["weights_sha256"]
+    assert read_result(params)["weights_sha256"] == summaries[0]["weights_sha256"]
 
 
 def test_sample_grids_come_at_their_own_steps_whatever_the_log_and_checkpoint_cadence(tmp_path, mlflow_uri):
     params = load_params(setup_run(tmp_path, mlflow_uri, steps=9, log_every=5, checkpoint_every=10, sample_every=3))
-    summary = train(params)
+    summary = train.run(params)
     grids = {a.path for a in MlflowClient(tracking_uri=mlflow_uri).list_artifacts(summary["mlflow_run_id"], "samples")}
     assert grids == {f"samples/step_{s:08d}.png" for s in (3, 6, 9)}  # 3 and 6 were skipped before
 
 
 def test_a_run_stopped_early_has_sent_what_it_logged_when_train_returns(tmp_path, mlflow_uri):
-    summary = train(load_params(setup_run(tmp_path, mlflow_uri, steps=30, log_every=5)), stop_after=10)
+    summary = train.run(load_params(setup_run(tmp_path, mlflow_uri, steps=30, log_every=5)), stop_after=10)
     client = MlflowClient(tracking_uri=mlflow_uri)
     assert sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")) == [5, 10]
     assert client.get_run(summary["mlflow_run_id"]).info.status == "RUNNING"  # to be resumed

@@ -3,10 +3,9 @@ original DDPM checkpoint layout, each mapped onto ours by models/weights.py."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
+from helpers import diffusers_to_ddpm_names
 
 from models.unet import UNet, UNetConfig
 from models.weights import (
@@ -96,40 +95,6 @@ def test_same_eps_as_diffusers_unet2dmodel(diffusers_ddpm, dtype, tolerance):
         got = ours(x, t)
     assert expected.abs().mean() > 0.1, "a network that outputs ~0 would compare trivially"
     assert (got - expected).abs().max().item() < tolerance
-
-
-def diffusers_to_ddpm_names(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
-    """Rename diffusers' keys to the original DDPM layout, written independently of models/weights.py."""
-    rules = [
-        (r"^time_embedding\.linear_1\.", "temb.dense.0."),
-        (r"^time_embedding\.linear_2\.", "temb.dense.1."),
-        (r"^conv_norm_out\.", "norm_out."),
-        (r"^mid_block\.resnets\.0\.", "mid.block_1."),
-        (r"^mid_block\.resnets\.1\.", "mid.block_2."),
-        (r"^mid_block\.attentions\.0\.", "mid.attn_1."),
-        (r"^down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
-        (r"^down_blocks\.(\d+)\.attentions\.", r"down.\1.attn."),
-        (r"^down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
-        (r"\.time_emb_proj\.", ".temb_proj."),
-        (r"\.conv_shortcut\.", ".nin_shortcut."),
-        (r"\.group_norm\.", ".norm."),
-        (r"\.to_([qkv])\.", r".\1."),
-        (r"\.to_out\.0\.", ".proj_out."),
-    ]
-    out = {}
-    for key, tensor in state.items():
-        up = re.match(r"^up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(.*)$", key)
-        if up:  # diffusers numbers the way up from the lowest resolution; DDPM by resolution level
-            level, kind, rest = levels - 1 - int(up.group(1)), up.group(2), up.group(3)
-            key = {"resnets": f"up.{level}.block.{rest}", "attentions": f"up.{level}.attn.{rest}"}.get(
-                kind, f"up.{level}.upsample.{rest.removeprefix('0.')}"
-            )
-        for pattern, replacement in rules:
-            key = re.sub(pattern, replacement, key)
-        if re.search(r"\.attn(_1)?\.\d*\.?(q|k|v|proj_out)\.weight$", key) and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # DDPM's attention projections are 1x1 convolutions
-        out[key] = tensor
-    return out
 
 
 def test_original_ddpm_layout_gives_the_same_eps(diffusers_ddpm):

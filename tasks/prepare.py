@@ -1,4 +1,4 @@
-"""The prepare stage: download, import or synthesize images into a prepared dataset (``tasks/dataset.py``
+"""The prepare stage: download, import or synthesize images into a prepared dataset (``tasks/common/dataset.py``
 describes the format and reads it).
 
 The folder is built under a hidden temporary name and renamed into place only when complete, so an error or
@@ -35,12 +35,21 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from tasks.config import DataConfig, PathsConfig
-from tasks.dataset import ARRAY, FORMAT_VERSION, MANIFEST, PREVIEW, DataError, array_sha256, dataset_dir, load_manifest
-from tasks.download import DownloadError, fetch
-from tasks.files import file_hash, foreign_entries, write_json
-from tasks.images import make_grid, save_png
-from tasks.progress import progress_bar
+from tasks.common.config import CIFAR10_URL, DataConfig, Params, PathsConfig
+from tasks.common.dataset import (
+    ARRAY,
+    FORMAT_VERSION,
+    MANIFEST,
+    PREVIEW,
+    DataError,
+    array_sha256,
+    dataset_dir,
+    load_manifest,
+)
+from tasks.common.download import DownloadError, fetch
+from tasks.common.files import file_hash, foreign_entries, write_json
+from tasks.common.images import make_grid, save_png
+from tasks.common.progress import progress_bar
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -147,12 +156,25 @@ def open_source(
     assert data.path is not None
     source = ImageSource.open(Path(data.path))
     files = source.files[: data.count]
-    limits = Limits(data.max_file_bytes, data.max_image_pixels)
-    images = source.decode(files, data.image_size, data.on_bad_image, data.workers, limits)
+    images = source.decode(files, data)
     return len(files), images, {"files": len(files)}
 
 
-def prepare_dataset(
+def run(params: Params, *, archive: Path | None = None) -> dict[str, Any]:
+    """The prepare stage: the dataset of the data section (``archive``: CIFAR-10 already downloaded by
+    :func:`cifar10_download`'s fetch, with retries); return its manifest."""
+    return build_dataset(params.data, params.paths, archive=archive)
+
+
+def cifar10_download(params: Params) -> tuple[str, Path, str] | None:
+    """What the stage downloads before it runs (url, file, md5): CIFAR-10's archive, unless one is given."""
+    data = params.data
+    if data.source != "cifar10" or data.archive is not None:
+        return None
+    return data.url or CIFAR10_URL, cifar10_archive_path(params.paths), CIFAR10_MD5
+
+
+def build_dataset(
     data: DataConfig, paths: PathsConfig, *, archive: Path | None = None, cifar10_md5: str = CIFAR10_MD5
 ) -> dict[str, Any]:
     """Build the prepared dataset that ``data`` describes and return its manifest.
@@ -340,15 +362,14 @@ class ImageSource:
             )
         return cls(root, files, is_zip)
 
-    def decode(
-        self, files: list[str], size: int, on_bad_image: str, workers: int, limits: Limits | None = None
-    ) -> Iterator[np.ndarray]:
-        """Yield each readable image as uint8 ``[size, size, 3]``; a bad one (unreadable, or over ``limits``)
-        raises or is skipped with a warning."""
-        job = _DecodeJob(str(self.root), self.is_zip, size, limits or Limits())
+    def decode(self, files: list[str], data: DataConfig) -> Iterator[np.ndarray]:
+        """Yield each readable image as uint8 ``[size, size, 3]`` (``data.image_size``), decoded by ``data.workers``
+        processes; a bad one (unreadable, or over ``data.max_file_bytes`` or ``data.max_image_pixels``) raises or
+        is skipped with a warning, as ``data.on_bad_image`` says."""
+        job = _DecodeJob(str(self.root), self.is_zip, data)
         results: Iterable[tuple[str, np.ndarray | None, str]]
-        if workers > 0:
-            pool = ProcessPoolExecutor(max_workers=workers)
+        if data.workers > 0:
+            pool = ProcessPoolExecutor(max_workers=data.workers)
             results = pool.map(job, files, chunksize=16)
         else:
             pool, results = None, map(job, files)
@@ -358,7 +379,7 @@ class ImageSource:
                 if image is not None:
                     yield image
                     continue
-                if on_bad_image == "fail":
+                if data.on_bad_image == "fail":
                     raise DataError(
                         f"cannot read image {name} in {self.root} ({problem}); remove it, or set data.on_bad_image=skip"
                     )
@@ -378,25 +399,20 @@ def _check_member_name(archive: Path, name: str) -> None:
         raise DataError(f"{archive} holds a member named {name!r} that escapes the archive; refusing to import it")
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one input image may cost: bytes of its file (or zip member) and decoded pixels. Beyond them an image
-    is a bad image, so a hostile folder or zip (a 1 GiB member of a 1 MB zip, a 20,000 x 20,000 PNG of a few
-    KB) cannot take the machine's memory."""
-
-    file_bytes: int = 64 * 2**20
-    pixels: int = 89_478_485
-
-
 class _TooBigError(Exception):
-    """An input over its :class:`Limits`."""
+    """An input over ``data.max_file_bytes`` or ``data.max_image_pixels``."""
 
 
 class _DecodeJob:
-    """Picklable decode function for worker processes; each worker keeps its own zip handle open."""
+    """Picklable decode function for worker processes; each worker keeps its own zip handle open.
 
-    def __init__(self, root: str, is_zip: bool, size: int, limits: Limits) -> None:
-        self.root, self.is_zip, self.size, self.limits = root, is_zip, size, limits
+    What one input image may cost is bounded by ``data.max_file_bytes`` (its file or zip member) and
+    ``data.max_image_pixels`` (decoded): beyond them it is a bad image, so a hostile folder or zip (a 1 GiB
+    member of a 1 MB zip, a 20,000 x 20,000 PNG of a few KB) cannot take the machine's memory."""
+
+    def __init__(self, root: str, is_zip: bool, data: DataConfig) -> None:
+        self.root, self.is_zip, self.size = root, is_zip, data.image_size
+        self.max_bytes, self.max_pixels = data.max_file_bytes, data.max_image_pixels
         self._zip: zipfile.ZipFile | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -405,7 +421,7 @@ class _DecodeJob:
     def _read(self, name: str) -> bytes:
         """The file's bytes, read into memory (nothing from a zip is written to disk), at most the limit: a zip
         member's stated size is checked first and its stream is cut there, in case the header lies."""
-        cap = self.limits.file_bytes
+        cap = self.max_bytes
         if self.is_zip:
             if self._zip is None:
                 self._zip = zipfile.ZipFile(self.root)
@@ -426,8 +442,8 @@ class _DecodeJob:
             quiet = warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning)
             with quiet, Image.open(io.BytesIO(self._read(name))) as img:  # the header only; the limit decides
                 w, h = img.size
-                if w * h > self.limits.pixels:
-                    raise _TooBigError(f"{w} x {h} pixels, over data.max_image_pixels = {self.limits.pixels:,}")
+                if w * h > self.max_pixels:
+                    raise _TooBigError(f"{w} x {h} pixels, over data.max_image_pixels = {self.max_pixels:,}")
                 img.load()
                 return name, resize_square(to_rgb(img), self.size), ""
         except _TooBigError as e:

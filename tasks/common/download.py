@@ -9,9 +9,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tasks.errors import UserError
-from tasks.files import atomic_path, file_hash
-from tasks.progress import progress_bar
+from tasks.common.errors import UserError
+from tasks.common.files import atomic_path, file_hash
+from tasks.common.progress import progress_bar
 
 # Hugging Face states the sha256 of a large (LFS) file in this header of its download response.
 SHA256_HEADER = "X-Linked-Etag"

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.config import TrackingConfig
-from tasks.errors import UserError, first_line
-from tasks.files import atomic_path, exclusive
+from tasks.common.config import TrackingConfig
+from tasks.common.errors import UserError, first_line
+from tasks.common.files import atomic_path, exclusive
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -246,8 +246,8 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: np.ndarray, artifact_file: str) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
-    def finish(self, status: str = "FINISHED", timeout: float = 0) -> None: ...
-    def flush(self, timeout: float = 0) -> None: ...
+    def finish(self, status: str, timeout: float) -> None: ...
+    def flush(self, timeout: float) -> None: ...
 
 
 class Tracker(NullTracker):
@@ -340,13 +340,13 @@ class Tracker(NullTracker):
         where = str(path)
         self._send(f"artifact {Path(path).name}", lambda: self.client.log_artifact(self.run_id, where, artifact_path))
 
-    def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
+    def finish(self, status: str, timeout: float) -> None:
         """End the run with ``status``; with an outbox, wait up to ``timeout`` s for what is queued, then warn
         about what was not recorded."""
         self._send(f"the run's end ({status})", lambda: self.client.set_terminated(self.run_id, status=status))
         self.flush(timeout)
 
-    def flush(self, timeout: float = 30.0) -> None:
+    def flush(self, timeout: float) -> None:
         """Send what is queued, waiting up to ``timeout`` s; warn about what was not recorded. The last call."""
         if self.outbox is not None and (missed := self.outbox.close(timeout)):
             not_recorded(self.uri, f"{summarise(missed)} in run {self.run_id}")
@@ -388,7 +388,7 @@ def log_child_run(
         for path in artifacts:
             if Path(path).is_file():
                 tracker.log_artifact(Path(path))
-        tracker.finish()
+        tracker.finish("FINISHED", cfg.flush_timeout)
         return run_id
     except Exception as e:
         if server_answered(e):

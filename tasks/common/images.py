@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tasks.files import atomic_path
+from tasks.common.files import atomic_path
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from tasks.errors import UserError
+from tasks.common.errors import UserError
 
 Device = Literal["auto", "cuda", "mps", "cpu"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]

@@ -42,14 +42,14 @@ from typing import Any
 import torch
 
 from models.unet import UNet, UNetConfig
-from tasks.errors import UserError
-from tasks.files import exclusive, save_torch, write_json
+from tasks.common.errors import UserError
+from tasks.common.files import exclusive, save_torch, write_json
 
 MODEL_FILE = "model.pt"
 MODEL_FORMAT_VERSION = 1
 CKPT_PATTERN = re.compile(r"ckpt-(\d{8})\.pt")
 RECIPE_FILE = "recipe.json"
-RUN_ID_FILE = "mlflow_run_id"  # tasks.tracking's name for it, which this module may not import
+RUN_ID_FILE = "mlflow_run_id"  # tasks.common.tracking's name for it, which this module may not import
 RECIPE_DIR_PATTERN = re.compile(r"[A-Za-z0-9._-]*?-?([0-9a-f]{12})")
 
 

@@ -3,19 +3,12 @@ WORLD_SIZE; a plain run is rank 0 of 1)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from tasks.config import Params, load_params
-from tasks.errors import UserError, out_of_memory
 
 
 @dataclass(frozen=True)
@@ -71,30 +64,3 @@ class Ranks:
         total = torch.tensor([value], dtype=torch.long, device=self._device())
         dist.all_reduce(total)
         return int(total.item())
-
-
-def rank_main(
-    stage: str,
-    run: Callable[[Params, argparse.Namespace], dict[str, Any]],
-    argv: list[str] | None,
-    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
-) -> int:
-    """The entry point of one process of ``stage`` under torchrun (``python -m tasks.<stage> --params FILE
-    --set key=value ...``): rank 0 prints the result as one JSON line; an error is one ``ddim <stage>: error:``
-    line and exit status 1."""
-    parser = argparse.ArgumentParser(description=f"one process (or rank) of ddim {stage}")
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        result = run(load_params(args.params, args.overrides), args)
-    except Exception as e:
-        error = e if isinstance(e, UserError) else out_of_memory(stage, e)
-        if error is None:
-            raise
-        print(f"ddim {stage}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    if Ranks.from_env().is_main:
-        print(json.dumps(result))
-    return 0

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from tasks.errors import UserError
-from tasks.files import save_torch
+from tasks.common.errors import UserError
+from tasks.common.files import save_torch
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 DIMS = 2048

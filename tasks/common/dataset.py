@@ -7,7 +7,7 @@ A prepared dataset is a folder ``<paths.prepared>/<data.name>/`` holding
 - ``manifest.json``: source, split, count, height, width, channels, the sha256 of the array's bytes, the
   ``data`` params that define it, and how many input images were skipped.
 
-The prepare stage (``tasks/data.py``) writes it; the train and reference stages read it through
+The prepare stage (``tasks/prepare.py``) writes it; the train and reference stages read it through
 :class:`PreparedDataset`.
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.config import DataConfig, PathsConfig
-from tasks.errors import UserError
+from tasks.common.config import DataConfig, PathsConfig
+from tasks.common.errors import UserError
 
 MANIFEST = "manifest.json"
 ARRAY = "images.npy"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from tasks.errors import UserError
+from tasks.common.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

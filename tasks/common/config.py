@@ -12,8 +12,11 @@ reads (:func:`profile_params`, :func:`render_params`).
 Everything is validated before any work starts; a bad value is a :class:`ConfigError` whose message is one
 line naming the key, the problem and what is allowed.
 
-Keys made with :func:`runtime` change how a stage runs (where, how fast, how often it logs), never what it
-produces: ``dvc.yaml`` does not list them, so changing one reruns nothing (:func:`result_keys`).
+Every other key is made with :func:`result`, which names the DVC stages whose outputs it can change: that
+declaration is the one home of each stage's ``params:`` list in ``dvc.yaml`` (:func:`stage_params`, checked by
+``tests/test_layout.py``). Keys made with :func:`runtime` change how a stage runs (where, how fast, how often it
+logs), never what it produces: no stage lists them, so changing one reruns nothing (:meth:`Section.result_keys`
+lists the others). The ``paths`` keys are neither: ``dvc.yaml`` uses them in its deps and outs.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from models.diffusion import BetaSchedule, ComplexityMode, Spacing, alphas_cumprod_from_betas, make_beta_schedule
 from models.unet import UNetConfig
-from tasks.devices import Device, Precision
-from tasks.errors import UserError
+from tasks.common.devices import Device, Precision
+from tasks.common.errors import UserError
 
 if typing.TYPE_CHECKING:
     import torch
@@ -42,9 +46,32 @@ class ConfigError(UserError):
     """params.yaml, a profile or an override is invalid."""
 
 
+# The stages of dvc.yaml, in its order.
+STAGES = ("prepare", "reference", "train", "sample", "evaluate", "sweep", "sweep-table", "reconstruct", "interpolate")
+# The stages that run the diffusion process: training, and every stage that runs the trained network.
+MODEL_STAGES = ("train", "sample", "sweep", "reconstruct", "interpolate")
+# The stages that run the trained network (with the sample section's precision and compile).
+INFERENCE_STAGES = ("sample", "sweep", "reconstruct", "interpolate")
+
+
+def result(default: Any, description: str, *, stages: str | tuple[str, ...], **constraints: Any) -> Any:
+    """A key that can change what ``stages`` (DVC stage names) write: each of them lists it under ``params:``
+    in dvc.yaml, so changing it reruns them (:func:`stage_params`)."""
+    names = (stages,) if isinstance(stages, str) else tuple(stages)
+    unknown = [name for name in names if name not in STAGES]
+    if unknown or not names:
+        raise ValueError(f"stages must name stages of dvc.yaml ({', '.join(STAGES)}), got {stages!r}")
+    return Field(default, description=description, json_schema_extra={"stages": names}, **constraints)
+
+
 def runtime(default: Any, description: str, **constraints: Any) -> Any:
     """A key that changes how a stage runs, never what it produces (not a DVC param of any stage)."""
     return Field(default, description=description, json_schema_extra={"runtime": True}, **constraints)
+
+
+def stages_of(field: FieldInfo) -> tuple[str, ...]:
+    """The stages whose outputs a key can change, as its :func:`result` declares (none for the others)."""
+    return (field.json_schema_extra or {}).get("stages", ())  # type: ignore[union-attr, return-value]
 
 
 class Section(BaseModel):
@@ -55,7 +82,8 @@ class Section(BaseModel):
 
     @classmethod
     def result_keys(cls) -> list[str]:
-        """The keys whose value can change what a stage produces (all but the :func:`runtime` ones)."""
+        """The keys whose value can change what a stage produces (all but the :func:`runtime` ones; with
+        ``paths``, every key made with :func:`result`)."""
         return [name for name, f in cls.model_fields.items() if not (f.json_schema_extra or {}).get("runtime")]
 
 
@@ -76,19 +104,31 @@ class PathsConfig(Section):
 class DataConfig(Section):
     """The ``data`` section: what the prepare stage builds."""
 
-    name: str = Field("cifar10", description="output folder: <paths.prepared>/<name>")
-    source: Literal["cifar10", "folder", "shapes"] = Field("cifar10", description="cifar10 | folder | shapes")
-    split: Literal["train", "test"] = Field("train", description="cifar10: train (50,000) | test (10,000)")
-    image_size: int = Field(32, description="pixels, a positive multiple of 8")
-    count: int | None = Field(None, description="shapes: how many; cifar10/folder: the first N (null: all)")
-    seed: int = Field(0, description="shapes only")
-    path: Path | None = Field(None, description="folder: a directory (searched recursively) or .zip of images")
-    on_bad_image: Literal["skip", "fail"] = Field("fail", description="folder: fail | skip (warn, count) unreadable")
-    max_file_bytes: int = Field(
-        64 * 2**20, ge=1, description="folder: a bigger file or zip member is a bad image (bounds memory)"
+    # The latent stages read the prepared dataset data.name when latent.dataset is null.
+    name: str = result(
+        "cifar10", "output folder: <paths.prepared>/<name>", stages=("prepare", "reconstruct", "interpolate")
     )
-    max_image_pixels: int = Field(
-        89_478_485, ge=1, description="folder: an image of more pixels is a bad image (decompression bombs)"
+    # source, split and count tell sweep-table whether DDIM's Table 1 applies (CIFAR-10's whole training set).
+    source: Literal["cifar10", "folder", "shapes"] = result(
+        "cifar10", "cifar10 | folder | shapes", stages=("prepare", "sweep-table")
+    )
+    split: Literal["train", "test"] = result(
+        "train", "cifar10: train (50,000) | test (10,000)", stages=("prepare", "sweep-table")
+    )
+    image_size: int = result(32, "pixels, a positive multiple of 8", stages=("prepare", "train"))
+    count: int | None = result(
+        None, "shapes: how many; cifar10/folder: the first N (null: all)", stages=("prepare", "sweep-table")
+    )
+    seed: int = result(0, "shapes only", stages="prepare")
+    path: Path | None = result(None, "folder: a directory (searched recursively) or .zip of images", stages="prepare")
+    on_bad_image: Literal["skip", "fail"] = result(
+        "fail", "folder: fail | skip (warn, count) unreadable", stages="prepare"
+    )
+    max_file_bytes: int = result(
+        64 * 2**20, "folder: a bigger file or zip member is a bad image (bounds memory)", stages="prepare", ge=1
+    )
+    max_image_pixels: int = result(
+        89_478_485, "folder: an image of more pixels is a bad image (decompression bombs)", stages="prepare", ge=1
     )
     archive: Path | None = runtime(None, "cifar10: a downloaded cifar-10-python.tar.gz (MD5-checked; no download)")
     url: str = runtime(CIFAR10_URL, "cifar10: where to download from when no archive is given")
@@ -129,8 +169,8 @@ _FROM_DATA = ("image_size", "in_channels", "out_channels")
 
 
 class _ModelSection(Section):
-    pretrained: str | None = Field(
-        None, description="import these weights instead of training: hub id, https URL, diffusers folder or file"
+    pretrained: str | None = result(
+        None, "import these weights instead of training: hub id, https URL, diffusers folder or file", stages="train"
     )
 
     def unet_config(self, image_size: int, in_channels: int = 3) -> UNetConfig:
@@ -142,7 +182,7 @@ def _model_section() -> type[_ModelSection]:
     """The ``model`` section: UNetConfig's fields (their types, defaults and help), less those of the data."""
     types = typing.get_type_hints(UNetConfig)
     fields = {
-        f.name: (types[f.name], Field(f.default, description=f.metadata["help"]))
+        f.name: (types[f.name], result(f.default, f.metadata["help"], stages="train"))
         for f in dataclasses.fields(UNetConfig)
         if f.name not in _FROM_DATA
     }
@@ -156,10 +196,10 @@ ModelConfig = _model_section()
 class DiffusionConfig(Section):
     """The ``diffusion`` section: the forward process the model is trained for."""
 
-    schedule: BetaSchedule = Field("linear", description="linear (DDPM) | cosine")
-    num_train_steps: int = Field(1000, ge=2, description="T, the number of noise levels")
-    beta_start: float = Field(1e-4, gt=0, lt=1, description="linear: beta_1")
-    beta_end: float = Field(0.02, gt=0, lt=1, description="linear: beta_T")
+    schedule: BetaSchedule = result("linear", "linear (DDPM) | cosine", stages=MODEL_STAGES)
+    num_train_steps: int = result(1000, "T, the number of noise levels", stages=MODEL_STAGES, ge=2)
+    beta_start: float = result(1e-4, "linear: beta_1", stages=MODEL_STAGES, gt=0, lt=1)
+    beta_end: float = result(0.02, "linear: beta_T", stages=MODEL_STAGES, gt=0, lt=1)
 
     def alphas_cumprod(self) -> torch.Tensor:
         """The paper's alpha_t for t = 0..T-1, float64 on the CPU."""
@@ -170,22 +210,24 @@ class DiffusionConfig(Section):
 class TrainConfig(Section):
     """The ``train`` section. ``batch_size`` is per process: the global batch is batch_size x processes."""
 
-    steps: int = Field(800_000, ge=1, description="optimizer steps in total (more steps resume a finished run)")
-    batch_size: int = Field(128, ge=1, description="per process; the global batch is batch_size x processes")
-    lr: float = Field(2e-4, gt=0, description="Adam's learning rate")
-    warmup: int = Field(5000, ge=0, description="steps of linear LR warm-up from 0")
-    grad_clip: float = Field(1.0, gt=0, description="maximum gradient norm")
-    ema_decay: float = Field(0.9999, ge=0, lt=1, description="decay of the EMA weights that model.pt holds")
-    lambda_reg: float = Field(0.1, ge=0, description="the complexity term's weight; 0 is the plain DDPM loss")
-    complexity_mode: ComplexityMode = Field("scaled", description="scaled | design (the document's near-zero term)")
-    random_flip: bool = Field(True, description="flip each training image left-right with probability 1/2")
-    precision: Precision = Field("auto", description="auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32")
-    compile: bool = Field(False, description="torch.compile the training step")
-    channels_last: bool = Field(True, description="NHWC activations (faster convolutions on most devices)")
-    seed: int = Field(0, description="initial weights, data order and every step's noise")
-    deterministic: bool = Field(False, description="deterministic kernels: bit-exact reruns, slower on GPU")
-    nproc_per_node: int = Field(1, ge=1, description="> 1: `ddim train` runs torchrun with this many processes")
-    nnodes: int = Field(1, ge=1, description="> 1: machines, each running `ddim train`, meeting at rdzv_endpoint")
+    steps: int = result(800_000, "optimizer steps in total (more steps resume a finished run)", stages="train", ge=1)
+    batch_size: int = result(128, "per process; the global batch is batch_size x processes", stages="train", ge=1)
+    lr: float = result(2e-4, "Adam's learning rate", stages="train", gt=0)
+    warmup: int = result(5000, "steps of linear LR warm-up from 0", stages="train", ge=0)
+    grad_clip: float = result(1.0, "maximum gradient norm", stages="train", gt=0)
+    ema_decay: float = result(0.9999, "decay of the EMA weights that model.pt holds", stages="train", ge=0, lt=1)
+    lambda_reg: float = result(0.1, "the complexity term's weight; 0 is the plain DDPM loss", stages="train", ge=0)
+    complexity_mode: ComplexityMode = result(
+        "scaled", "scaled | design (the document's near-zero term)", stages="train"
+    )
+    random_flip: bool = result(True, "flip each training image left-right with probability 1/2", stages="train")
+    precision: Precision = result("auto", "auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32", stages="train")
+    compile: bool = result(False, "torch.compile the training step", stages="train")
+    channels_last: bool = result(True, "NHWC activations (faster convolutions on most devices)", stages="train")
+    seed: int = result(0, "initial weights, data order and every step's noise", stages="train")
+    deterministic: bool = result(False, "deterministic kernels: bit-exact reruns, slower on GPU", stages="train")
+    nproc_per_node: int = result(1, "> 1: `ddim train` runs torchrun with this many processes", stages="train", ge=1)
+    nnodes: int = result(1, "> 1: machines, each running `ddim train`, meeting at rdzv_endpoint", stages="train", ge=1)
     rdzv_endpoint: str = runtime("", "nnodes > 1: host:port of the rendezvous (one of the nodes), reachable from all")
     rdzv_id: str = runtime("ddim", "nnodes > 1: the job's id, the same on every node")
     max_restarts: int = runtime(0, "torchrun restarts of failed ranks; each restart resumes from a checkpoint", ge=0)
@@ -213,21 +255,29 @@ class TrainConfig(Section):
 class SampleConfig(Section):
     """The ``sample`` section: how images are generated from ``model.pt``."""
 
-    num_samples: int = Field(50_000, ge=1, description="images to generate (FID below 2,048 is biased)")
-    batch_size: int = Field(500, ge=1, description="images per sampler call")
-    sampler: Literal["ddim", "adaptive"] = Field("ddim", description="ddim | adaptive (the design's sampler)")
-    steps: int = Field(100, ge=1, description="ddim: number of timesteps")
-    eta: float = Field(0.0, ge=0, description="0: deterministic DDIM; 1: DDPM-like")
-    spacing: Spacing = Field("quad", description="ddim: uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing")
-    clip_x0: bool = Field(True, description="clamp each x0 prediction to [-1, 1]")
-    seed: int = Field(0, description="image i's noise comes from (seed, i), whatever the batch size")
-    base_step_size: float = Field(2.0, gt=0, description="adaptive: stride = clamp(base / complexity(x0), min, max)")
-    min_step: int = Field(5, ge=1, description="adaptive: smallest stride, in training timesteps")
-    max_step: int = Field(100, ge=1, description="adaptive: largest stride")
-    complexity_mode: ComplexityMode = Field("scaled", description="adaptive: scaled | design")
-    precision: Precision = Field("auto", description="auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32")
-    compile: Literal["auto"] | bool = Field(
-        "auto", description="torch.compile the network: auto (on CUDA GPUs, 2.6x faster on an H100) | true | false"
+    num_samples: int = result(50_000, "images to generate (FID below 2,048 is biased)", stages="sample", ge=1)
+    batch_size: int = result(500, "images per sampler call", stages="sample", ge=1)
+    sampler: Literal["ddim", "adaptive"] = result("ddim", "ddim | adaptive (the design's sampler)", stages="sample")
+    steps: int = result(100, "ddim: number of timesteps", stages="sample", ge=1)
+    eta: float = result(0.0, "0: deterministic DDIM; 1: DDPM-like", stages="sample", ge=0)
+    spacing: Spacing = result(
+        "quad", "ddim: uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing", stages="sample"
+    )
+    clip_x0: bool = result(True, "clamp each x0 prediction to [-1, 1]", stages=("sample", "sweep"))
+    seed: int = result(0, "image i's noise comes from (seed, i), whatever the batch size", stages=("sample", "sweep"))
+    base_step_size: float = result(
+        2.0, "adaptive: stride = clamp(base / complexity(x0), min, max)", stages="sample", gt=0
+    )
+    min_step: int = result(5, "adaptive: smallest stride, in training timesteps", stages="sample", ge=1)
+    max_step: int = result(100, "adaptive: largest stride", stages="sample", ge=1)
+    complexity_mode: ComplexityMode = result("scaled", "adaptive: scaled | design", stages="sample")
+    precision: Precision = result(
+        "auto", "auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | fp32", stages=INFERENCE_STAGES
+    )
+    compile: Literal["auto"] | bool = result(
+        "auto",
+        "torch.compile the network: auto (on CUDA GPUs, 2.6x faster on an H100) | true | false",
+        stages=INFERENCE_STAGES,
     )
     device: Device = runtime("auto", "auto | cuda | mps | cpu")
     nproc_per_node: int = runtime(1, "> 1: `ddim sample` runs torchrun with this many processes (one per GPU)", ge=1)
@@ -243,12 +293,22 @@ class SweepConfig(Section):
     """The ``sweep`` section: DDIM over steps x eta from model.pt, one FID per cell (``ddim sweep``; not part of
     ``make demo``). Seed, clip_x0, precision and device are the sample section's."""
 
-    steps: list[int] = Field([10, 20, 50, 100], min_length=1, description="DDIM steps, one cell per value and eta")
+    # A sweep cell's own steps and eta are in its command (dvc.yaml's matrix), not its params, so a new value in
+    # the grid adds cells and reruns no other.
+    steps: list[int] = result(
+        [10, 20, 50, 100], "DDIM steps, one cell per value and eta", stages="sweep-table", min_length=1
+    )
     # int | float keeps the literal as written (0 stays 0, 0.0 stays 0.0): DVC names a cell's output by the value
     # as YAML wrote it (`eta0` for `0`), and so must the cell (tasks.sweep.cell_name).
-    eta: list[int | float] = Field([0.0, 0.2, 0.5, 1.0], min_length=1, description="eta, one cell per value and steps")
-    spacing: Spacing = Field("quad", description="uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing")
-    num_samples: int = Field(50_000, ge=2, description="images per cell, all of them scored (no floor division)")
+    eta: list[int | float] = result(
+        [0.0, 0.2, 0.5, 1.0], "eta, one cell per value and steps", stages="sweep-table", min_length=1
+    )
+    spacing: Spacing = result(
+        "quad", "uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing", stages=("sweep", "sweep-table")
+    )
+    num_samples: int = result(
+        50_000, "images per cell, all of them scored (no floor division)", stages=("sweep", "sweep-table"), ge=2
+    )
     batch_size: int = runtime(500, "images per sampler call (DDIM's images do not depend on it)", ge=1)
     images: bool = runtime(False, "also keep each cell's images as PNGs in cells/<cell>/ (FID never needs them)")
     nproc_per_node: int = runtime(1, "> 1: each cell runs under torchrun with this many processes", ge=1)
@@ -266,7 +326,10 @@ class SweepConfig(Section):
 class EvaluateConfig(Section):
     """The ``evaluate`` section: FID against the prepared dataset's Inception statistics."""
 
-    reference_count: int | None = Field(None, ge=2, description="dataset images in the FID reference (null: all)")
+    # The evaluate stage reads no params: how the images and the reference were made is recorded beside them.
+    reference_count: int | None = result(
+        None, "dataset images in the FID reference (null: all)", stages="reference", ge=2
+    )
     batch_size: int = runtime(200, "images per Inception call", ge=1)
     num_workers: int = runtime(4, "image-decoding processes", ge=0)
     device: Device = runtime("auto", "auto | cuda | mps | cpu")
@@ -279,18 +342,32 @@ class LatentConfig(Section):
     """The ``latent`` section: DDIM's latent space (``ddim reconstruct``, ``ddim interpolate``; not part of ``make
     demo``). Precision, device and compile are the sample section's."""
 
-    dataset: str | None = Field(None, description="reconstruct: a prepared dataset's name (null: data.name)")
-    num_images: int = Field(64, ge=1, description="reconstruct: the dataset's first N images")
-    steps: list[int] = Field([10, 20, 50, 100], min_length=1, description="reconstruct: DDIM steps S, one row each")
-    spacing: Spacing = Field("uniform", description="uniform | quad | linspace | trailing (encoding and decoding)")
-    clip_x0: bool = Field(False, description="clamp x0 predictions while decoding (false: the exact inverse ODE)")
-    pairs: int = Field(4, ge=1, description="interpolate: pairs of latents, one row each for slerp and lerp")
-    frames: int = Field(9, ge=2, description="interpolate: images per row, both ends included")
-    interpolate_steps: int = Field(50, ge=1, description="interpolate: DDIM steps to encode and decode")
-    endpoints: Literal["seeds", "images"] = Field(
-        "seeds", description="interpolate: Gaussian latents from (seed, i) | the dataset's first images, encoded"
+    dataset: str | None = result(
+        None, "reconstruct: a prepared dataset's name (null: data.name)", stages=("reconstruct", "interpolate")
     )
-    seed: int = Field(0, description="interpolate, endpoints seeds: pair k joins seeds (seed, 2k) and (seed, 2k + 1)")
+    num_images: int = result(64, "reconstruct: the dataset's first N images", stages="reconstruct", ge=1)
+    steps: list[int] = result(
+        [10, 20, 50, 100], "reconstruct: DDIM steps S, one row each", stages="reconstruct", min_length=1
+    )
+    spacing: Spacing = result(
+        "uniform", "uniform | quad | linspace | trailing (encoding and decoding)", stages=("reconstruct", "interpolate")
+    )
+    clip_x0: bool = result(
+        False,
+        "clamp x0 predictions while decoding (false: the exact inverse ODE)",
+        stages=("reconstruct", "interpolate"),
+    )
+    pairs: int = result(4, "interpolate: pairs of latents, one row each for slerp and lerp", stages="interpolate", ge=1)
+    frames: int = result(9, "interpolate: images per row, both ends included", stages="interpolate", ge=2)
+    interpolate_steps: int = result(50, "interpolate: DDIM steps to encode and decode", stages="interpolate", ge=1)
+    endpoints: Literal["seeds", "images"] = result(
+        "seeds",
+        "interpolate: Gaussian latents from (seed, i) | the dataset's first images, encoded",
+        stages="interpolate",
+    )
+    seed: int = result(
+        0, "interpolate, endpoints seeds: pair k joins seeds (seed, 2k) and (seed, 2k + 1)", stages="interpolate"
+    )
     batch_size: int = runtime(64, "images per encoder/decoder call (results do not depend on it)", ge=1)
 
     @field_validator("dataset")
@@ -415,6 +492,19 @@ def _describe(error: ValidationError, most: int = 8) -> str:
     if len(errors) > most:
         parts.append(f"and {len(errors) - most} more")
     return "; ".join(parts)
+
+
+def stage_params(stage: str) -> list[str]:
+    """The ``section.key`` params that can change what DVC stage ``stage`` writes (each key whose :func:`result`
+    names it), in params.yaml's order: the stage's ``params:`` list in dvc.yaml."""
+    if stage not in STAGES:
+        raise ValueError(f"no stage {stage!r} in dvc.yaml: one of {', '.join(STAGES)}")
+    return [
+        f"{section}.{key}"
+        for section, info in Params.model_fields.items()
+        for key, field in info.annotation.model_fields.items()
+        if stage in stages_of(field)
+    ]
 
 
 def validate_params(raw: dict[str, Any], source: str = "params") -> Params:

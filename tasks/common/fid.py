@@ -1,7 +1,7 @@
 """FID as pytorch-fid computes it: Inception features of image files or arrays, statistics, the distance.
 
 Images go in as pytorch-fid's CLI reads them (uint8 RGB scaled to [0, 1]); its ``InceptionV3``
-(``tasks/inception.py``) resizes to 299 x 299 and maps to [-1, 1]. Features are computed in fp32, batched,
+(``tasks/common/inception.py``) resizes to 299 x 299 and maps to [-1, 1]. Features are computed in fp32, batched,
 under ``torch.inference_mode``. Statistics files are ``.npz`` with pytorch-fid's keys ``mu`` and ``sigma``
 (plus ``count``), so ``python -m pytorch_fid`` reads ours and ``ddim evaluate A B`` reads its.
 """
@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.config import Params
-from tasks.errors import UserError
-from tasks.files import atomic_path
-from tasks.inception import DIMS, load_inception
-from tasks.progress import progress_bar
+from tasks.common.config import Params
+from tasks.common.errors import UserError
+from tasks.common.files import atomic_path
+from tasks.common.inception import DIMS, load_inception
+from tasks.common.progress import progress_bar
 
 FID_IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # pytorch-fid's list
 
@@ -82,9 +82,10 @@ def batch_features(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor
 
 
 def inception_features(
-    dataset: Dataset, model: torch.nn.Module, batch_size: int = 200, num_workers: int = 0, progress: bool = True
+    dataset: Dataset, model: torch.nn.Module, batch_size: int, num_workers: int = 0, progress: bool = True
 ) -> np.ndarray:
-    """``[N, 2048]`` float64 pool3 features of every image in ``dataset``."""
+    """``[N, 2048]`` float64 pool3 features of every image in ``dataset``, ``batch_size`` per Inception call (the
+    evaluate section's)."""
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
     out = np.empty((len(dataset), DIMS), dtype=np.float64)
@@ -238,10 +239,9 @@ def stats_of(
     return mu, sigma, len(feats)
 
 
-def fid_between(
-    paths: Iterable[Path], device: str = "cpu", batch_size: int = 200, num_workers: int = 0
-) -> dict[str, Any]:
-    """FID between two folders and/or ``.npz`` files, like ``python -m pytorch_fid P1 P2``."""
+def fid_between(paths: Iterable[Path], device: str = "cpu", *, batch_size: int, num_workers: int = 0) -> dict[str, Any]:
+    """FID between two folders and/or ``.npz`` files, like ``python -m pytorch_fid P1 P2`` (``batch_size``: images
+    per Inception call, the evaluate section's)."""
     p1, p2 = list(paths)
     for path in (p1, p2):  # a bad path fails before Inception loads
         if Path(path).suffix == ".npz":

@@ -1,0 +1,1 @@
+"""What the stages share: params, files, devices, checkpoints, datasets, FID, tracking. No stage lives here."""
