@@ -9,12 +9,10 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import PREFECT_HOME
 
-# cli_env and free_port are helpers' (test modules import them from there); named here too for the modules that
-# still import them from conftest.
-from helpers import PREFECT_HOME, cli_env, free_port  # noqa: F401
-
-# Before anything imports prefect: keep its database and settings out of the user's ~/.prefect.
+# Before anything imports prefect: keep its database and settings out of the user's ~/.prefect (plain helpers,
+# such as cli_env and free_port, are in helpers.py; this file holds the fixtures).
 os.environ["PREFECT_HOME"] = PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
