@@ -155,6 +155,15 @@ def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: Spacing = "uni
     return torch.from_numpy(seq[::-1].copy()).long()
 
 
+def coefficient(alpha: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``alpha`` in ``like``'s dtype: a number becomes a 0-dim CPU tensor, which a GPU kernel takes as a scalar
+    argument (a tensor made on the GPU from a number is a blocking copy: one wait per use); a tensor of
+    per-sample values goes to ``like``'s device."""
+    if isinstance(alpha, torch.Tensor):
+        return alpha.to(dtype=like.dtype, device=like.device if alpha.dim() else alpha.device)
+    return torch.tensor(alpha, dtype=like.dtype)
+
+
 def predict_x0(
     x_t: torch.Tensor, eps: torch.Tensor, alpha_t: float | torch.Tensor, clip_x0: bool = False
 ) -> torch.Tensor:
@@ -162,7 +171,7 @@ def predict_x0(
 
     The design document's x0 formula is garbled; this is the paper's.
     """
-    a = torch.as_tensor(alpha_t, dtype=x_t.dtype, device=x_t.device)
+    a = coefficient(alpha_t, x_t)
     x0_pred = (x_t - (1 - a).sqrt() * eps.to(x_t.dtype)) / a.sqrt()
     return x0_pred.clamp(-1.0, 1.0) if clip_x0 else x0_pred
 
@@ -195,8 +204,7 @@ def ddim_step(
     Returns ``(x_prev, x0_pred)``.
     """
     eps = eps.to(x_t.dtype)
-    a = torch.as_tensor(alpha_t, dtype=x_t.dtype, device=x_t.device)
-    a_prev = torch.as_tensor(alpha_prev, dtype=x_t.dtype, device=x_t.device)
+    a, a_prev = coefficient(alpha_t, x_t), coefficient(alpha_prev, x_t)
     x0_pred = predict_x0(x_t, eps, a, clip_x0)
     if clip_x0:
         eps = (x_t - a.sqrt() * x0_pred) / (1 - a).sqrt()
@@ -228,12 +236,12 @@ def ddim_sample(
     """
     x = x_T
     ts = timesteps.tolist()
+    alphas = [*alphas_cumprod[timesteps.to(alphas_cumprod.device)].tolist(), 1.0]  # one read, not two per step
     for i, t in enumerate(ts):
-        alpha_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else 1.0
         t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         eps = eps_model(x, t_batch)
         noise = randn(x.shape, generator, x) if eta > 0 else None
-        x, _ = ddim_step(x, eps, float(alphas_cumprod[t]), float(alpha_prev), eta, noise, clip_x0)
+        x, _ = ddim_step(x, eps, alphas[i], alphas[i + 1], eta, noise, clip_x0)
     return x
 
 
@@ -248,14 +256,15 @@ def ddim_encode(
     """
     x = x_0
     ascending = timesteps.flip(0).tolist()
+    alphas = alphas_cumprod[timesteps.flip(0).to(alphas_cumprod.device)].tolist()  # one read of the schedule
     alpha = 1.0
     for i, t in enumerate(ascending):
         # eps is evaluated at the lower-noise end of each step (the reverse of the sampler's choice).
         t_eval = ascending[i - 1] if i > 0 else t
         t_batch = torch.full((x.shape[0],), t_eval, dtype=torch.long, device=x.device)
         eps = eps_model(x, t_batch)
-        x, _ = ddim_step(x, eps, alpha, float(alphas_cumprod[t]), eta=0.0)
-        alpha = float(alphas_cumprod[t])
+        x, _ = ddim_step(x, eps, alpha, alphas[i], eta=0.0)
+        alpha = alphas[i]
     return x
 
 

@@ -366,7 +366,10 @@ def run_report(args: argparse.Namespace) -> int:
         print("  (FID from fewer than 2,048 images is biased upwards: compare it only at equal sample counts)")
     print(f"sample grid:    {Path(params.paths.samples) / 'grid.png'}")
     print(f"training curve: {Path(params.paths.train) / 'train_metrics.csv'}  (dvc plots show)")
-    print(f"MLflow run:     {read_run_id(Path(params.paths.train))}  in {tracking_uri(params.tracking)}")
+    if params.tracking.enabled:
+        print(f"MLflow run:     {read_run_id(Path(params.paths.train))}  in {tracking_uri(params.tracking)}")
+    else:
+        print("MLflow run:     none (tracking.enabled is false)")
     print("UIs:            make ui  -> Prefect http://127.0.0.1:4200/runs, MLflow (its training runs)")
     print(f"                http://127.0.0.1:5000/#/experiments{MLFLOW_TRAINING_VIEW}; compare: ddim runs")
     return 0

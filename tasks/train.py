@@ -9,7 +9,9 @@ Training, in four pieces (improved-diffusion's and EDM's shape):
    the newest compatible checkpoint.
 2. :func:`train_step` is one optimization step, the hot part: DDPM's algorithm 1 with the design's loss
    (:func:`models.diffusion.training_losses`), Adam with linear warm-up, gradient clipping, the EMA update.
-   With ``train.compile`` its forward and backward pass are what ``torch.compile`` compiles.
+   With ``train.compile`` its forward and backward pass are what ``torch.compile`` compiles; on CUDA
+   (``train.cuda_graphs``) the whole step is :class:`GraphedStep` instead, captured once as a CUDA graph and
+   replayed, and with ``train.data_on_device`` its batches are gathered in device memory (:func:`batches`).
 3. :class:`Bookkeeping` does the periodic maintenance: metric rows, the NaN check, checkpoints, sample grids,
    stopping on SIGTERM/SIGINT.
 4. :func:`export` writes ``model.pt`` and its ``train_run.json`` sidecar.
@@ -63,11 +65,12 @@ from tasks.common.checkpoint import (
     write_recipe,
 )
 from tasks.common.config import Params, TrainConfig
-from tasks.common.dataset import PreparedDataset, dataset_dir
+from tasks.common.dataset import DeviceImages, PreparedDataset, dataset_dir
 from tasks.common.devices import on_device, pick_device, set_precision
 from tasks.common.distributed import Ranks
 from tasks.common.errors import UserError
 from tasks.common.files import atomic_path, exclusive, file_hash, write_json
+from tasks.common.graphs import Graphed
 from tasks.common.images import make_grid, to_uint8
 from tasks.common.pretrained import read_source, write_imported
 from tasks.common.progress import progress_bar
@@ -106,7 +109,10 @@ class Trainer:
     dist: Ranks
     device: torch.device
     precision: str  # what train.precision resolved to here: bf16, fp16 or fp32
+    amp_dtype: torch.dtype | None  # autocast's dtype for that precision (None: fp32, no autocast)
+    graphs: bool  # the step is GraphedStep (train.cuda_graphs), not train_step
     dataset: PreparedDataset
+    images: DeviceImages | None  # the dataset in device memory (train.data_on_device), else None: a DataLoader
     model: UNet
     ema: AveragedModel
     optimizer: torch.optim.Optimizer
@@ -235,12 +241,29 @@ def _forward_losses(
     lambda_reg: float,
     complexity_mode: str,
     amp_dtype: torch.dtype | None,
+    cache: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The per-sample losses of one batch, with the network under autocast when ``amp_dtype`` is set."""
-    with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    """The per-sample losses of one batch, with the network under autocast when ``amp_dtype`` is set (without
+    autocast's cache of cast weights when ``cache`` is false, as a captured graph needs)."""
+    enabled = amp_dtype is not None
+    with torch.autocast(x0.device.type, dtype=amp_dtype or torch.float32, enabled=enabled, cache_enabled=cache):
         return training_losses(
             model, x0, t, noise, alphas_cumprod, lambda_reg=lambda_reg, complexity_mode=complexity_mode
         )
+
+
+def graph_plan(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[bool, str | None]:
+    """Whether the step runs as :class:`GraphedStep` (``train.cuda_graphs``), and the reason to say, if any,
+    where the setting and the outcome differ."""
+    if cfg.cuda_graphs is False or (cfg.cuda_graphs == "auto" and device.type != "cuda"):
+        return False, None
+    if precision == "fp16":
+        return False, "fp16's GradScaler decides on the host whether each step is taken, which a graph cannot hold"
+    if cfg.compile:
+        return False, "train.compile is on: the compiled step runs instead"
+    if device.type != "cuda":
+        return True, "no CUDA device here: the graph's step runs, uncaptured"
+    return True, None
 
 
 def build_trainer(params: Params, locks: contextlib.ExitStack | None = None) -> Trainer:
@@ -249,25 +272,27 @@ def build_trainer(params: Params, locks: contextlib.ExitStack | None = None) -> 
     cfg, dist_info = params.train, Ranks.from_env()
     device = setup_process(cfg, dist_info)
     amp_dtype, precision = set_precision(cfg.precision, device)
+    graphs, why = graph_plan(cfg, device, precision)
+    if why and dist_info.is_main:
+        print(f"train.cuda_graphs: {why}{'' if graphs else '; the eager step runs'}", file=sys.stderr)
     dataset = open_dataset(params, cfg.batch_size * dist_info.world_size)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = UNet(params.model.unet_config(params.data.image_size)).to(device, memory_format=memory_format)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    # device: its step counter n_averaged on the device too (a CUDA graph replays its increment)
+    ema = AveragedModel(model, device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    capturable = graphs and device.type == "cuda"  # Adam's step count on the device, no host read
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), capturable=capturable)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     fingerprint = training_fingerprint(params, dataset.manifest["sha256"], dist_info.world_size)
     checkpoints, state = open_checkpoints(params, fingerprint, dist_info, locks)
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        restore(state, model, ema, optimizer, scaler)
 
     network: torch.nn.Module = model
-    if dist_info.distributed:  # DDP all-reduces the gradients during the backward pass
+    if dist_info.distributed and not graphs:  # DDP all-reduces the gradients during the backward pass
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     alphas_cumprod = on_device(params.diffusion.alphas_cumprod(), device)
     losses = functools.partial(
@@ -278,12 +303,16 @@ def build_trainer(params: Params, locks: contextlib.ExitStack | None = None) -> 
         complexity_mode=cfg.complexity_mode,
         amp_dtype=amp_dtype,
     )
+    on_device_data = cfg.data_on_device is True or (cfg.data_on_device == "auto" and DeviceImages.fits(dataset, device))
     return Trainer(
         params=params,
         dist=dist_info,
         device=device,
         precision=precision,
+        amp_dtype=amp_dtype,
+        graphs=graphs,
         dataset=dataset,
+        images=DeviceImages(dataset, device) if on_device_data else None,
         model=model,
         ema=ema,
         optimizer=optimizer,
@@ -294,6 +323,34 @@ def build_trainer(params: Params, locks: contextlib.ExitStack | None = None) -> 
         start_step=int(state["step"]) if state is not None else 0,
         checkpoints=checkpoints,
     )
+
+
+def restore(
+    state: dict[str, Any],
+    model: UNet,
+    ema: AveragedModel,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """Load a checkpoint's weights, EMA, Adam state (fitted to this run's capturable setting) and scaler."""
+    capturable = bool(optimizer.param_groups[0]["capturable"])
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    fit_optimizer(optimizer, capturable)
+    scaler.load_state_dict(state["scaler"])
+
+
+def fit_optimizer(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Fit Adam's loaded state to this run: a checkpoint of a graphed run (step counts on the device, the
+    learning rate a tensor) resumes eagerly, and an eager one resumes graphed."""
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        group["lr"] = float(group["lr"])
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state:
+                state["step"] = state["step"].to(p.device if capturable else "cpu", torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,33 +385,53 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def epoch_order(trainer: Trainer, epoch: int, skip: int) -> SkipSampler:
+    """This rank's indices of ``epoch`` after its first ``skip``: a function of (train.seed, epoch)."""
+    d = trainer.dist
+    sampler = DistributedSampler(
+        trainer.dataset, d.world_size, d.rank, shuffle=True, seed=trainer.cfg.seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    return SkipSampler(sampler, skip)
+
+
 def batches(trainer: Trainer, end: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(step, x0)`` for the steps ``trainer.start_step .. end - 1``.
+    """``(step, x0)`` for the steps ``trainer.start_step .. end - 1``: from a DataLoader, or gathered in device
+    memory when the dataset is there (``trainer.images``; the same batches in the same order).
 
     Epoch e's order is a function of (train.seed, e) and a resumed run skips into its epoch, so it reads
     exactly the batches an uninterrupted run reads.
     """
-    cfg, d = trainer.cfg, trainer.dist
+    cfg = trainer.cfg
     steps_per_epoch = len(trainer.dataset) // trainer.global_batch
     step = trainer.start_step
     while step < end:
         epoch, offset = divmod(step, steps_per_epoch)
-        sampler = DistributedSampler(trainer.dataset, d.world_size, d.rank, shuffle=True, seed=cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        loader = DataLoader(
-            trainer.dataset,
-            batch_size=cfg.batch_size,
-            sampler=SkipSampler(sampler, offset * cfg.batch_size),
-            drop_last=True,
-            num_workers=cfg.num_workers,
-            pin_memory=trainer.device.type == "cuda",
-            worker_init_fn=_ignore_stop_signals,
-        )
-        for x0 in loader:
+        order = epoch_order(trainer, epoch, offset * cfg.batch_size)
+        for x0 in _epoch_batches(trainer, order):
             yield step, x0
             step += 1
             if step >= end:
                 return
+
+
+def _epoch_batches(trainer: Trainer, order: SkipSampler) -> Iterator[torch.Tensor]:
+    """The full batches of one epoch's ``order``."""
+    cfg = trainer.cfg
+    if trainer.images is not None:
+        indices = torch.tensor(list(order), dtype=torch.long).to(trainer.device, non_blocking=True)
+        full = len(indices) // cfg.batch_size
+        yield from (trainer.images.batch(b) for b in indices[: full * cfg.batch_size].split(cfg.batch_size))
+        return
+    yield from DataLoader(
+        trainer.dataset,
+        batch_size=cfg.batch_size,
+        sampler=order,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        pin_memory=trainer.device.type == "cuda",
+        worker_init_fn=_ignore_stop_signals,
+    )
 
 
 def lr_at(step: int, base_lr: float, warmup: int) -> float:
@@ -393,8 +470,7 @@ def train_step(trainer: Trainer, x0: torch.Tensor, step: int) -> torch.Tensor:
     losses = trainer.losses(x0, t, torch.randn_like(x0))
     loss = losses["loss"].mean()
 
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
+    set_lr(trainer.optimizer, lr_at(step, cfg.lr, cfg.warmup))
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.scaler.scale(loss).backward()
     trainer.scaler.unscale_(trainer.optimizer)
@@ -403,6 +479,105 @@ def train_step(trainer: Trainer, x0: torch.Tensor, step: int) -> torch.Tensor:
     trainer.scaler.update()
     update_ema(trainer.ema, trainer.model, cfg.ema_decay, first=step == 0)
     return torch.stack([loss, losses["mse"].mean(), losses["complexity_term"].mean(), grad_norm]).detach()
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate: in place where it is a device tensor (a captured graph reads it there)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class GraphedStep:
+    """:func:`train_step` captured as a CUDA graph and replayed (``train.cuda_graphs``): the same arithmetic on
+    static tensors, launched as one unit instead of ~2,000 kernels.
+
+    Before each replay the batch is copied into ``self.x0``, the learning rate filled into the optimizer's
+    device tensor and the step's seed set: the generator's graph-safe state gives the replay the flips,
+    timesteps, noise and dropout of seed (train.seed, rank, step), as in the eager step, so a resumed run
+    takes the steps of one that ran through. Adam is ``capturable`` (its step count on the device), the EMA
+    update reads nothing back, and the stats stay on the device. Step 0 (the EMA's first update is a copy)
+    runs eagerly, as do the warm-up calls before the capture: both are real steps. Under DDP the model is not
+    wrapped: the gradients are averaged between two graphs by one all-reduce of a flat buffer, DDP's own
+    arithmetic (divide by the world size, then sum). Off CUDA the work runs uncaptured (``cuda_graphs: true``
+    on the CPU), which is how the tests hold it to the eager step, bit for bit; on CUDA the one difference is
+    Adam's capturable form (step count and learning rate as float32 device tensors), which can round the
+    update's last bit differently from the eager form.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer, cfg, device = trainer, trainer.cfg, trainer.device
+        size = trainer.params.data.image_size
+        self.x0 = torch.zeros(cfg.batch_size, 3, size, size, device=device).contiguous(
+            memory_format=trainer.memory_format
+        )
+        self.losses = functools.partial(
+            _forward_losses,
+            trainer.model,
+            trainer.alphas_cumprod.float(),
+            lambda_reg=cfg.lambda_reg,
+            complexity_mode=cfg.complexity_mode,
+            amp_dtype=trainer.amp_dtype,
+            cache=False,
+        )
+        self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        if device.type == "cuda":  # a tensor that a captured graph reads in place
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        self.flat: torch.Tensor | None = None
+        if trainer.dist.distributed:
+            self.flat = torch.zeros(sum(p.numel() for p in self.params), device=device)
+            pieces = self.flat.split([p.numel() for p in self.params])
+            self.views = [v.view_as(p) for v, p in zip(pieces, self.params, strict=True)]
+        self.whole = Graphed(lambda: torch.cat([self._forward_backward(), self._update(first=False)]), device)
+        self.forward_backward = Graphed(self._forward_backward, device)
+        self.update = Graphed(lambda: self._update(first=False), device)
+
+    def __call__(self, x0: torch.Tensor, step: int) -> torch.Tensor:
+        """Step ``step`` on the batch ``x0``; returns ``[loss, mse, complexity_term, grad_norm]`` on the device."""
+        trainer, cfg = self.trainer, self.trainer.cfg
+        torch.manual_seed(derive_seed(cfg.seed, trainer.dist.rank, step))
+        self.x0.copy_(x0, non_blocking=True)
+        set_lr(trainer.optimizer, lr_at(step, cfg.lr, cfg.warmup))
+        first = step == 0
+        if self.flat is None:
+            return torch.cat([self._forward_backward(), self._update(first=True)]) if first else self.whole()
+        losses = self._forward_backward() if first else self.forward_backward()
+        dist.all_reduce(self.flat)
+        return torch.cat([losses, self._update(first=True) if first else self.update()])
+
+    def _forward_backward(self) -> torch.Tensor:
+        """The eager step's flips, forward pass, loss and backward pass; ``[loss, mse, complexity_term]``."""
+        trainer, x0 = self.trainer, self.x0
+        if trainer.cfg.random_flip:
+            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(0, trainer.params.diffusion.num_train_steps, (x0.shape[0],), device=x0.device)
+        losses = self.losses(x0, t, torch.randn_like(x0))
+        loss = losses["loss"].mean()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.flat is not None:  # this rank's share of the average, for the all-reduce
+            torch._foreach_copy_(self.views, [p.grad for p in self.params])
+            self.flat.div_(trainer.dist.world_size)
+        return torch.stack([loss, losses["mse"].mean(), losses["complexity_term"].mean()]).detach()
+
+    def _update(self, first: bool) -> torch.Tensor:
+        """Gradient clipping, Adam and the EMA; ``[grad_norm]``."""
+        trainer, cfg = self.trainer, self.trainer.cfg
+        if self.flat is not None:  # the all-reduced average back into the gradients
+            torch._foreach_copy_([p.grad for p in self.params], self.views)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), cfg.grad_clip)
+        trainer.optimizer.step()
+        update_ema(trainer.ema, trainer.model, cfg.ema_decay, first=first)
+        return grad_norm.detach()[None]
+
+
+def make_step(trainer: Trainer) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """The run's step function: :class:`GraphedStep` where ``trainer.graphs``, else :func:`train_step`."""
+    return GraphedStep(trainer) if trainer.graphs else functools.partial(train_step, trainer)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -713,9 +888,10 @@ def _train(
     trainer.model.train()
     trainer.ema.train()
     try:
+        step_fn = make_step(trainer)
         with stop_on_signals() as stop_requested:
             for step, x0 in batches(trainer, end):
-                book.record(step, train_step(trainer, x0, step))
+                book.record(step, step_fn(x0, step))
                 done = step + 1
                 book.maintain(done, stop_requested.is_set())
         summary: dict[str, Any] = {"step": done, "resumed_from": trainer.start_step, **book.last}

@@ -20,6 +20,12 @@ os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    """One sqlite store for the session: creating a database costs ~1.5 s of migrations."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     """One local Prefect server for every flow test of the session (starting one takes ~10 s)."""
     from prefect.testing.utilities import prefect_test_harness

@@ -188,7 +188,7 @@ def test_every_step_reads_the_same_images_whatever_the_process_count_at_one_glob
             cfg = SimpleNamespace(seed=3, batch_size=batch, num_workers=0)
             run = SimpleNamespace(
                 cfg=cfg, dist=SimpleNamespace(world_size=world, rank=rank), dataset=data, start_step=start,
-                global_batch=batch * world, device=torch.device("cpu"),
+                global_batch=batch * world, device=torch.device("cpu"), images=None,
             )  # fmt: skip
             per_rank.append([set(x.tolist()) for _, x in batches(run, 14)])
         return [set().union(*sets) for sets in zip(*per_rank, strict=True)]

@@ -97,6 +97,7 @@ def test_runtime_keys_are_resumable_and_not_result_keys():
         *("device", "num_workers", "log_every", "sample_every", "sample_steps"),
         *("checkpoint_every", "keep_checkpoints", "resume"),
         *("rdzv_endpoint", "rdzv_id", "max_restarts"),
+        *("cuda_graphs", "data_on_device"),
     }
     assert runtime < RESUMABLE_ACROSS
 

@@ -586,3 +586,18 @@ def test_slerp_keeps_the_norm_of_gaussian_latents_where_lerp_does_not():
     midpoint = lerp(z_0, z_1, 0.5).flatten(1).norm(dim=1) / norm
     assert torch.allclose(midpoint, torch.full((4,), math.sqrt(0.5)), atol=0.03)
     torch.testing.assert_close(slerp(z_0, 2 * z_0, 0.25), lerp(z_0, 2 * z_0, 0.25))  # parallel: the straight line
+
+
+@pytest.mark.parametrize("steps", [3, 30])
+def test_ddim_reads_the_schedule_back_once_per_call_not_per_step(steps, monkeypatch):
+    """On a GPU each host read of a device tensor waits for it: DDIM reads its timesteps and their alphas once."""
+    alphas = alphas_cumprod_from_betas(make_beta_schedule("linear", 1000))
+    timesteps = ddim_timesteps(1000, steps, "uniform")
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _o=original, _n=name: reads.append(_n) or _o(t, *a))
+    x = torch.randn(2, 3, 4, 4)
+    ddim_sample(lambda x, t: torch.zeros_like(x), x, alphas, timesteps)
+    ddim_encode(lambda x, t: torch.zeros_like(x), x, alphas, timesteps)
+    assert reads == ["tolist"] * 4

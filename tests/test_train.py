@@ -25,12 +25,6 @@ from tasks.train import TrainingError
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="session")
-def mlflow_uri(tmp_path_factory) -> str:
-    """One sqlite store for the session: creating a database costs ~1.5 s of migrations."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
 def metrics_rows(tmp_path: Path) -> list[dict[str, str]]:
     with open(tmp_path / "out" / "train_metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
@@ -139,8 +133,10 @@ def test_sigkill_then_rerun_resumes_to_the_same_weights(tmp_path, mlflow_uri):
 
 
 @pytest.mark.integration
-def test_sigterm_writes_a_checkpoint_and_exits_non_zero(tmp_path, mlflow_uri):
-    params = setup_run(tmp_path, mlflow_uri, steps=100000, checkpoint_every=100000, log_every=1)
+@pytest.mark.parametrize("cuda_graphs", [False, True])  # the graph's step, uncaptured on the CPU
+def test_sigterm_writes_a_checkpoint_and_exits_non_zero(tmp_path, mlflow_uri, cuda_graphs):
+    settings = {"steps": 100000, "checkpoint_every": 100000, "log_every": 1, "cuda_graphs": cuda_graphs}
+    params = setup_run(tmp_path, mlflow_uri, **settings)
     proc = subprocess.Popen(
         [sys.executable, *rank(params)],
         stdout=subprocess.PIPE,
@@ -189,8 +185,10 @@ def test_torchrun_two_ranks_stay_in_sync_and_only_rank0_writes(tmp_path, mlflow_
     assert len(runs) == 1
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, mlflow_uri):
-    params = load_params(setup_run(tmp_path, mlflow_uri, steps=40, checkpoint_every=2, log_every=2, lr=1e30, warmup=0))
+@pytest.mark.parametrize("cuda_graphs", [False, True])  # the graph's step, uncaptured on the CPU
+def test_nan_loss_stops_with_the_step_and_keeps_good_checkpoints(tmp_path, mlflow_uri, cuda_graphs):
+    settings = {"steps": 40, "checkpoint_every": 2, "log_every": 2, "lr": 1e30, "warmup": 0, "cuda_graphs": cuda_graphs}
+    params = load_params(setup_run(tmp_path, mlflow_uri, **settings))
     with pytest.raises(TrainingError, match=r"loss or gradient became NaN or inf at step \d+"):
         train.run(params)
     for path in (tmp_path / "ckpt").glob("*/ckpt-*.pt"):

@@ -239,6 +239,12 @@ class TrainConfig(Section):
     checkpoint_every: int = runtime(5000, "steps between checkpoints", ge=1)
     keep_checkpoints: int = runtime(3, "newest checkpoints kept", ge=1)
     resume: Literal["auto", "never"] = runtime("auto", "auto: continue from the newest checkpoint | never")
+    cuda_graphs: Literal["auto"] | bool = runtime(
+        "auto", "the whole step captured once as a CUDA graph and replayed: auto (on CUDA) | true | false"
+    )
+    data_on_device: Literal["auto"] | bool = runtime(
+        "auto", "prepared images kept in device memory, batches gathered there: auto (CUDA, if they fit) | true | false"
+    )
 
     @model_validator(mode="after")
     def _rendezvous(self) -> TrainConfig:
@@ -381,6 +387,7 @@ class TrackingConfig(Section):
 
     uri: str | None = runtime(None, "MLflow tracking URI (null: sqlite:///<current dir>/mlflow.db)")
     experiment: str = runtime("ddim", "MLflow experiment name")
+    enabled: bool = runtime(True, "false: no MLflow at all (not imported, nothing logged): where it is not installed")
     flush_timeout: float = runtime(
         30.0, "seconds a stage waits at its end for a tracking server that stopped answering", ge=0, le=86_400
     )

@@ -14,6 +14,10 @@ child run starts leaves that run unrecorded, with the same warning.
 The default store is ``sqlite:///<current dir>/mlflow.db`` with artifacts in ``<current dir>/mlartifacts``,
 absolute paths so that a stage run from another directory still finds them. ``tracking.uri`` in params.yaml,
 or else the ``MLFLOW_TRACKING_URI`` environment variable, points elsewhere (e.g. ``http://127.0.0.1:5000``).
+
+``tracking.enabled: false`` turns all of it off, for a machine without MLflow: a training run gets a
+:class:`NullTracker`, no child run is logged, ``ddim runs`` says that tracking is off, and nothing imports
+``mlflow``. The stages' own outputs (``train_metrics.csv``, the metrics file) are the same either way.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ def _artifact_location(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
     return None
+
+
+TRACKING_OFF = "tracking is off (tracking.enabled is false)"
+TURN_ON = "set tracking.enabled: true in params.yaml (or --set tracking.enabled=true)"
 
 
 class TrackingWarning(UserWarning):
@@ -274,7 +282,10 @@ class Tracker(NullTracker):
         run_name: str | None = None,
     ) -> Tracker:
         """Continue the run whose id is stored in ``run_id_dir``, or start one and store its id there; its logging
-        then goes through an :class:`Outbox`. A server that does not answer now: a warning, and no tracking."""
+        then goes through an :class:`Outbox`. A server that does not answer now: a warning, and no tracking.
+        Tracking off (``cfg.enabled`` false): no tracking, and MLflow is not imported."""
+        if not cfg.enabled:
+            return NullTracker()
         try:
             return cls._open_training_run(cfg, params, tags, run_id_dir, run_name)
         except Exception as e:
@@ -363,7 +374,10 @@ def log_child_run(
 ) -> str | None:
     """One finished run nested under the training run (or alone in the experiment if there is none): its
     params, its numeric metrics, and ``artifacts`` (images show on the run page). Its id; None, with a
-    :class:`TrackingWarning`, if the server does not answer (the stage's own outputs are complete)."""
+    :class:`TrackingWarning`, if the server does not answer (the stage's own outputs are complete). Tracking
+    off: nothing is logged, and None."""
+    if not cfg.enabled:
+        return None
     try:
         uri = tracking_uri(cfg)
         client = mlflow_client(uri)
@@ -405,7 +419,10 @@ def log_evaluation(
     grid: Path | None,
     tags: dict[str, str] | None = None,
 ) -> str | None:
-    """One finished child run of the training run: the sampling config, its FID and NFE, the sample grid."""
+    """One finished child run of the training run: the sampling config, its FID and NFE, the sample grid (its
+    id, or None: tracking off, or a server that does not answer)."""
+    if not cfg.enabled:
+        return None
     s = metrics
     name = f"{s['sampler']}-{s['steps'] or 'adaptive'}steps-eta{s['eta']}" + (
         f"-{s['spacing']}" if s["spacing"] else ""
@@ -438,9 +455,12 @@ def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
     loss, and each child run's sampling settings, FID and NFE; sorted by FID (runs without one last).
 
     An evaluation repeated with the same sampling params and image counts shows once, with its newest FID.
+    Tracking off: a :class:`UserError` that says so (there is no store to read).
     """
     import pandas as pd
 
+    if not cfg.enabled:
+        raise UserError(f"{TRACKING_OFF}: no runs were recorded to compare; {TURN_ON} and rerun the stages")
     uri = tracking_uri(cfg)
     try:
         client = mlflow_client(uri)
