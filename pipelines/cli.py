@@ -98,6 +98,17 @@ def _other_parsers(sub: argparse._SubParsersAction) -> None:
         sub, "runs", "compare the MLflow experiment's runs: differing params, final loss, FID per sampling config"
     )
     runs.add_argument("--csv", metavar="FILE", help="also write the table as CSV ('-' for standard output)")
+    runs.add_argument(
+        "--group-by",
+        nargs="+",
+        metavar="KEY",
+        default=[],
+        help="one row per value of these params, e.g. train.lambda_reg",
+    )
+    runs.add_argument("--over", metavar="KEY", default="train.seed", help="--group-by: the repeats pooled (train.seed)")
+    runs.add_argument(
+        "--baseline", nargs="+", metavar="KEY=VALUE", default=[], help="--group-by: the setting differences are to"
+    )
     checkpoints = _command_parser(
         sub, "checkpoints", "list the training checkpoints, one folder per recipe; delete only what you name"
     )
@@ -255,10 +266,23 @@ def run_import_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline(pairs: list[str]) -> dict[str, str] | None:
+    """``--baseline train.lambda_reg=0 ...`` as a dict (None: the first group)."""
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise UserError(f"--baseline {bad[0]}: write KEY=VALUE, e.g. train.lambda_reg=0")
+    return dict(p.split("=", 1) for p in pairs) or None
+
+
 def run_runs(args: argparse.Namespace) -> int:
     from tasks.common.tracking import compare_runs
 
-    table = compare_runs(load_params(args.params, args.overrides).tracking)
+    table = shown = compare_runs(load_params(args.params, args.overrides).tracking)
+    if args.group_by and not table.empty:
+        from tasks.common.compare import format_groups, group_runs
+
+        table = group_runs(table, args.group_by, args.over, _baseline(args.baseline))
+        shown = format_groups(table)
     if args.csv == "-":
         table.to_csv(sys.stdout, index=False)
         return 0
@@ -268,8 +292,8 @@ def run_runs(args: argparse.Namespace) -> int:
         import pandas as pd
 
         with pd.option_context("display.max_columns", None, "display.width", 200):
-            blank = {c: table[c].map(lambda v: "" if v is None else v) for c in table if table[c].dtype == object}
-            print(table.assign(**blank).to_string(index=False, na_rep=""))  # blank: not that sampler's setting
+            blank = {c: shown[c].map(lambda v: "" if v is None else v) for c in shown if shown[c].dtype == object}
+            print(shown.assign(**blank).to_string(index=False, na_rep=""))  # blank: not that sampler's setting
     if args.csv:
         try:
             table.to_csv(args.csv, index=False)

@@ -24,9 +24,9 @@ resumed takes exactly the steps an uninterrupted run takes (bit-exact on CPU wit
 Files (rank 0 only): checkpoints ``ckpt-<step>.pt`` in the recipe's own folder under ``paths.checkpoints``
 (``tasks/common/checkpoint.py``; atomic, the newest K kept, other recipes' folders never touched) with the MLflow run
 id beside them; ``model.pt`` (``tasks/common/checkpoint.py``), ``train_run.json``,
-``train_metrics.csv`` and ``mlflow_run_id`` in ``paths.train``. Only ``model.pt`` is the stage's result (its DVC
-output); the others record the run (which MLflow run, device, speed), so a rerun that makes the same model
-changes nothing DVC tracks.
+``train_metrics.csv`` (with its last row in ``train_metrics.json``: DVC's top-level plot and metric) and
+``mlflow_run_id`` in ``paths.train``. Only ``model.pt`` is the stage's result (its DVC output); the others record
+the run (which MLflow run, device, speed), so a rerun that makes the same model changes nothing DVC tracks.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ from tasks.common.dataset import DeviceImages, PreparedDataset, dataset_dir
 from tasks.common.devices import on_device, pick_device, set_precision
 from tasks.common.distributed import Ranks
 from tasks.common.errors import UserError
-from tasks.common.files import atomic_path, exclusive, file_hash, write_json
+from tasks.common.files import atomic_path, exclusive, file_hash, project_path, write_json
 from tasks.common.graphs import Graphed
 from tasks.common.images import make_grid, to_uint8
 from tasks.common.pretrained import read_source, write_imported
@@ -79,6 +79,7 @@ from tasks.common.tracking import NullTracker, Tracker, git_commit, write_or_for
 
 METRICS_FIELDS = ["step", "loss", "mse", "complexity_term", "lr", "grad_norm", "images_per_s"]
 RUN_FILE = "train_run.json"
+FINAL_FILE = "train_metrics.json"  # the last metric row: what `dvc exp show` and `dvc metrics diff` show
 
 # Train keys that a checkpoint may differ in and still be resumed: those that cannot change what is learned
 # (the runtime keys of TrainConfig), plus more steps, another process count or compiling. The per-process
@@ -181,7 +182,7 @@ def _claim_checkpoints(
     params: Params, fingerprint: dict[str, Any], locks: contextlib.ExitStack | None
 ) -> tuple[Path, dict[str, Any] | None]:
     """Rank 0's part of :func:`open_checkpoints`: adopt, lock, load, refuse what would write over checkpoints."""
-    root = Path(params.paths.checkpoints)
+    root = project_path(params.paths.checkpoints)  # the project's, also for a queued DVC experiment
     for line in adopt_flat_checkpoints(root):
         print(f"moved into its recipe's folder: {line}", file=sys.stderr)
     folder = recipe_dir(root, fingerprint, params.data.name)
@@ -822,9 +823,20 @@ def export(trainer: Trainer, book: Bookkeeping) -> dict[str, Any]:
         "params": params.model_dump(mode="json"),
     }
     write_json(about, out_dir / RUN_FILE)
+    write_final_metrics(out_dir)
     book.tracker.log_image(sample_grid(trainer), f"samples/step_{trainer.cfg.steps:08d}.png")
     book.tracker.log_artifact(model_path)
     return {k: about[k] for k in ("model", "weights_sha256", "device", "precision")}
+
+
+def write_final_metrics(out_dir: Path) -> None:
+    """``train_metrics.json``: the step, loss, MSE and complexity term of the metrics CSV's last row (a run that
+    resumed at its end has logged nothing new, and its CSV still ends with that row); ``{}`` without rows."""
+    with open(out_dir / "train_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    last = rows[-1] if rows else {}
+    final = {k: float(last[k]) for k in ("loss", "mse", "complexity_term") if k in last}
+    write_json({"step": int(last["step"]), **final} if last else {}, out_dir / FINAL_FILE)
 
 
 def check_ranks_in_sync(trainer: Trainer) -> None:
@@ -851,13 +863,14 @@ def import_pretrained(params: Params) -> dict[str, Any]:
     write_imported(imported, model_path)
 
     # The import's MLflow run id: in a folder of its own (one per source file), apart from the training recipes.
-    ckpt_dir = Path(params.paths.checkpoints) / f".import-{imported.source['sha256'][:12]}"
+    ckpt_dir = project_path(params.paths.checkpoints) / f".import-{imported.source['sha256'][:12]}"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tags = {"stage": "train", "source": source, "source.sha256": imported.source["sha256"], "device": "cpu"}
     name = "import-" + source.rstrip("/").rsplit("/", 1)[-1]  # hub id, URL, folder or file: its last part
     tracker = Tracker.for_training(params.tracking, params.model_dump(mode="json"), tags, ckpt_dir, run_name=name)
     write_or_forget_run_id(tracker.run_id, out_dir)
     MetricsCSV(out_dir / "train_metrics.csv", 0).close()  # no training: an empty loss curve
+    write_final_metrics(out_dir)
     about = {"model": str(model_path), "model_sha256": file_hash(model_path), "mlflow_run_id": tracker.run_id}
     write_json({**about, "source": imported.source, "params": params.model_dump(mode="json")}, out_dir / RUN_FILE)
     tracker.log_artifact(model_path)

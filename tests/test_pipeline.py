@@ -508,3 +508,54 @@ def test_switching_profile_is_one_command_that_dvc_params_diff_shows(repo):
     diff = json.loads(run([str(BIN / "dvc"), "params", "diff", "--json"], path, env).stdout)["params.yaml"]
     assert (diff["model.ch"]["old"], diff["model.ch"]["new"]) == (32, 128)
     assert (diff["data.source"]["old"], diff["data.source"]["new"]) == ("shapes", "cifar10")
+
+
+def _experiments(show: list[dict]) -> dict[str, dict]:
+    """``dvc exp show --json``: each experiment's name -> its metrics files' data."""
+    found = {}
+    for baseline in show:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                metrics = (rev.get("data") or {}).get("metrics") or {}
+                found[rev.get("name") or rev["rev"]] = {f: m.get("data", {}) for f, m in metrics.items()}
+    return found
+
+
+def test_a_queued_grid_reaches_the_projects_mlflow_store_and_dvc_exp_show(served_repo):
+    """`dvc exp run --queue -S train.seed=1,2`, `dvc queue start -j 2`: each experiment runs in a temporary copy
+    of the project that DVC deletes; its MLflow runs land in the project's store, tagged with its name, and
+    its metrics (the FID, NFE, the final loss) in its commit, where `dvc exp show` reads them."""
+    path, env = served_repo
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["tracking"]["uri"] = None  # the default store, as users have it: the project's mlflow.db
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "the default tracking store"], path, env)
+    dvc = str(BIN / "dvc")
+    run([dvc, "exp", "run", "--queue", "-S", "train.seed=1,2"], path, env)
+    try:
+        run([dvc, "queue", "start", "-j", "2"], path, env)
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            status = run([dvc, "queue", "status"], path, env).stdout
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            time.sleep(5)
+        assert status.count("Success") == 2, status
+    finally:
+        subprocess.run([dvc, "queue", "stop", "--kill"], cwd=path, env=env, capture_output=True, timeout=120)
+    experiments = _experiments(json.loads(run([dvc, "exp", "show", "--json"], path, env).stdout))
+    assert len(experiments) == 2, experiments
+    for metrics in experiments.values():
+        assert metrics["results/metrics.json"]["fid"] > 0 and metrics["results/metrics.json"]["nfe"] > 0
+        assert metrics["results/train/train_metrics.json"]["step"] == 4
+        assert metrics["results/train/train_metrics.json"]["loss"] > 0
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddim").experiment_id])
+    tagged = {r.data.tags.get("dvc.experiment") for r in runs if r.data.tags.get("stage") == "train"}
+    assert set(experiments) <= tagged
+    table = run([str(BIN / "ddim"), "runs", "--csv", "-"], path, env).stdout
+    assert all(name in table for name in experiments)
+    assert not list((path / ".dvc" / "tmp" / "exps").glob("**/mlflow.db")), "no store inside DVC's copies"

@@ -21,6 +21,7 @@ PIPELINE = "tests/test_pipeline.py::test_ddim_pipeline_publishes_metrics_and_run
 WORKER = "tests/test_pipeline.py::test_prefect_yaml_deploys_and_a_worker_runs_it"
 UI = "tests/test_pipeline.py::test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them"
 PROFILE = "tests/test_pipeline.py::test_switching_profile_is_one_command_that_dvc_params_diff_shows"
+QUEUE = "tests/test_pipeline.py::test_a_queued_grid_reaches_the_projects_mlflow_store_and_dvc_exp_show"
 RUN_BY = {
     "make demo": DEMO,
     "make test": ".ci/run",
@@ -61,6 +62,12 @@ RUN_BY = {
     ),
     ".venv/bin/ddim sweep": "tests/test_pipeline.py::test_ddim_sweep_runs_one_stage_per_cell_and_only_new_cells_later",
     ".venv/bin/ddim runs --csv runs.csv": DEMO,
+    # a grid over seeds through DVC's queue with two workers, and the grouped table of a known store
+    ".venv/bin/dvc exp run --queue -S train.lambda_reg=0,0.1 -S train.seed=0,1,2,3,4": QUEUE,
+    ".venv/bin/dvc queue start -j 2": QUEUE,
+    ".venv/bin/ddim runs --group-by train.lambda_reg --over train.seed --baseline train.lambda_reg=0": (
+        "tests/test_compare.py::test_ddim_runs_group_by_reads_the_store_and_writes_the_intervals"
+    ),
     ".venv/bin/ddim reconstruct": "tests/test_pipeline.py::test_ddim_reconstruct_and_interpolate_are_dvc_stages",
     ".venv/bin/ddim interpolate": "tests/test_pipeline.py::test_ddim_reconstruct_and_interpolate_are_dvc_stages",
 }

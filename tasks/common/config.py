@@ -88,7 +88,9 @@ class Section(BaseModel):
 
 
 class PathsConfig(Section):
-    """Where stages read and write. Relative paths are relative to the current directory."""
+    """Where stages read and write. Relative paths are relative to the current directory, but for
+    ``checkpoints``: the DVC project's root (:func:`tasks.common.files.project_path`), so that a queued DVC
+    experiment keeps its checkpoints when DVC deletes its temporary copy of the project."""
 
     raw: Path = Field(Path("data/raw"), description="downloads (the CIFAR-10 archive)")
     prepared: Path = Field(Path("data/prepared"), description="prepared datasets, one folder per data.name")
@@ -385,7 +387,7 @@ class LatentConfig(Section):
 class TrackingConfig(Section):
     """The ``tracking`` section: MLflow."""
 
-    uri: str | None = runtime(None, "MLflow tracking URI (null: sqlite:///<current dir>/mlflow.db)")
+    uri: str | None = runtime(None, "MLflow tracking URI (null: sqlite:///<project dir>/mlflow.db)")
     experiment: str = runtime("ddim", "MLflow experiment name")
     enabled: bool = runtime(True, "false: no MLflow at all (not imported, nothing logged): where it is not installed")
     flush_timeout: float = runtime(

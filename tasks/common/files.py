@@ -27,6 +27,17 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def project_path(path: str | Path) -> Path:
+    """``path``, a relative one taken from the DVC project's root: what outlives a run (checkpoints, the MLflow
+    store) must not land in the temporary copy of the project in which DVC runs a queued experiment
+    (``dvc exp run --queue``; it is deleted afterwards). DVC tells every stage command the project's root in
+    ``DVC_ROOT`` (a queued experiment's too); without it (a stage run by hand), the current directory."""
+    path, root = Path(path), os.environ.get("DVC_ROOT")
+    if path.is_absolute() or not root or Path(root).resolve() == Path.cwd().resolve():
+        return path
+    return Path(root) / path
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it.

@@ -11,9 +11,12 @@ the end it waits up to ``tracking.flush_timeout`` seconds; what is still unsent 
 :class:`TrackingWarning`, and the stage ends with its outputs complete. A server that is away when a run or a
 child run starts leaves that run unrecorded, with the same warning.
 
-The default store is ``sqlite:///<current dir>/mlflow.db`` with artifacts in ``<current dir>/mlartifacts``,
-absolute paths so that a stage run from another directory still finds them. ``tracking.uri`` in params.yaml,
-or else the ``MLFLOW_TRACKING_URI`` environment variable, points elsewhere (e.g. ``http://127.0.0.1:5000``).
+The default store is ``sqlite:///<project dir>/mlflow.db`` with artifacts in ``<project dir>/mlartifacts``,
+absolute paths so that a stage run from another directory still finds them; the project dir is the current
+one, or under DVC the project's root (``DVC_ROOT``), so that a queued ``dvc exp run`` logs to the project's
+store and not to one in its temporary copy, and its runs carry the DVC experiment's name as the tag
+``dvc.experiment``. ``tracking.uri`` in params.yaml, or else the ``MLFLOW_TRACKING_URI`` environment variable,
+points elsewhere (e.g. ``http://127.0.0.1:5000``).
 
 ``tracking.enabled: false`` turns all of it off, for a machine without MLflow: a training run gets a
 :class:`NullTracker`, no child run is logged, ``ddim runs`` says that tracking is off, and nothing imports
@@ -39,7 +42,7 @@ import numpy as np
 
 from tasks.common.config import TrackingConfig
 from tasks.common.errors import UserError, first_line
-from tasks.common.files import atomic_path, exclusive
+from tasks.common.files import atomic_path, exclusive, project_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,7 +58,14 @@ def tracking_uri(cfg: TrackingConfig) -> str:
         return cfg.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    return f"sqlite:///{project_path('mlflow.db').resolve()}"  # the project's, also for a queued DVC experiment
+
+
+def experiment_tags() -> dict[str, str]:
+    """The DVC experiment a stage runs in (``dvc exp run``, queued or not), as MLflow tags: what ties an MLflow
+    run to its row in ``dvc exp show``. DVC passes the name to stage commands in ``DVC_EXP_NAME``."""
+    names = {"dvc.experiment": "DVC_EXP_NAME", "dvc.baseline_rev": "DVC_EXP_BASELINE_REV"}
+    return {tag: os.environ[var] for tag, var in names.items() if os.environ.get(var)}
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -311,6 +321,7 @@ class Tracker(NullTracker):
                 if not server_answered(e):
                     raise
                 run_id = None  # the store was reset: start a new run
+        tags = {**tags, **experiment_tags()}
         if run_id is None:
             run_id = client.create_run(
                 _experiment_id(client, cfg.experiment, uri), tags=tags, run_name=run_name
@@ -391,7 +402,7 @@ def log_child_run(
                 parent_run_id = None  # the store no longer holds it (a new mlflow.db): a run of its own
         if experiment_id is None:
             experiment_id = _experiment_id(client, cfg.experiment, uri)
-        tags = dict(tags or {})
+        tags = {**(tags or {}), **experiment_tags()}
         if parent_run_id is not None:
             tags["mlflow.parentRunId"] = parent_run_id
         run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
@@ -451,29 +462,17 @@ def _sampling_row(child: Any) -> dict[str, Any]:
 
 
 def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
-    """One row per (training run, sampling config): the params that differ between training runs, the final
-    loss, and each child run's sampling settings, FID and NFE; sorted by FID (runs without one last).
+    """One row per (training run, sampling config): the DVC experiment (where one ran it), the params that
+    differ between training runs, the final loss and MSE, and each child run's sampling settings, FID and NFE;
+    sorted by FID (runs without one last).
 
     An evaluation repeated with the same sampling params and image counts shows once, with its newest FID.
     Tracking off: a :class:`UserError` that says so (there is no store to read).
     """
     import pandas as pd
 
-    if not cfg.enabled:
-        raise UserError(f"{TRACKING_OFF}: no runs were recorded to compare; {TURN_ON} and rerun the stages")
-    uri = tracking_uri(cfg)
-    try:
-        client = mlflow_client(uri)
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        runs = [] if experiment is None else client.search_runs([experiment.experiment_id], max_results=10_000)
-    except Exception as e:  # a damaged database, a server that does not answer
-        if server_answered(e):
-            raise
-        raise UserError(
-            f"the MLflow store {uri} cannot be read ({first_line(e)}): repair or move it, or point tracking.uri "
-            "elsewhere"
-        ) from None
-    if experiment is None:
+    runs = _read_runs(cfg)
+    if runs is None:
         return pd.DataFrame()
     parents = [r for r in runs if r.data.tags.get("stage") == "train"]
     children = sorted(
@@ -484,12 +483,15 @@ def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
         for k in {k for r in parents for k in r.data.params}
         if len({r.data.params.get(k) for r in parents}) > 1 and not k.startswith("paths.")
     )
+    in_experiments = any("dvc.experiment" in r.data.tags for r in parents)
     rows = []
     for parent in parents:
         base = {
             "train_run": parent.info.run_id[:8],
+            **({"experiment": parent.data.tags.get("dvc.experiment")} if in_experiments else {}),
             "status": parent.info.status,
             "final_loss": parent.data.metrics.get("loss"),
+            "final_mse": parent.data.metrics.get("mse"),
             **{k: parent.data.params.get(k) for k in varying},
         }
         mine = [c for c in children if c.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -505,3 +507,22 @@ def compare_runs(cfg: TrackingConfig) -> pd.DataFrame:
     if "fid" in table:
         table = table.sort_values("fid", na_position="last", kind="stable").reset_index(drop=True)
     return table
+
+
+def _read_runs(cfg: TrackingConfig) -> list[Any] | None:
+    """Every run of the experiment (None: there is no such experiment); a store that cannot be read, or tracking
+    off, is a :class:`UserError`."""
+    if not cfg.enabled:
+        raise UserError(f"{TRACKING_OFF}: no runs were recorded to compare; {TURN_ON} and rerun the stages")
+    uri = tracking_uri(cfg)
+    try:
+        client = mlflow_client(uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        return None if experiment is None else client.search_runs([experiment.experiment_id], max_results=10_000)
+    except Exception as e:  # a damaged database, a server that does not answer
+        if server_answered(e):
+            raise
+        raise UserError(
+            f"the MLflow store {uri} cannot be read ({first_line(e)}): repair or move it, or point tracking.uri "
+            "elsewhere"
+        ) from None
