@@ -131,3 +131,24 @@ def read_images(folder: Path, n: int) -> np.ndarray:
     from PIL import Image
 
     return np.stack([np.asarray(Image.open(folder / "images" / f"{i:06d}.png")) for i in range(n)])
+
+
+HOST_READS = ("__bool__", "item", "tolist", "__float__", "__int__")
+
+
+def refuse_host_reads(monkeypatch, allowed: set[int]) -> None:
+    """Make every host read of a tensor (``bool``, ``item``, ``tolist``, ``float``, ``int``) fail, but of the
+    tensors whose ids are ``allowed``: on a GPU each such read waits for the device."""
+    import torch
+
+    def refuse(name):
+        original = getattr(torch.Tensor, name)
+
+        def read_back(tensor, *args):
+            assert id(tensor) in allowed, f"Tensor.{name} of a {tuple(tensor.shape)} tensor inside the step"
+            return original(tensor, *args)
+
+        return read_back
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli_env, setup_run
+from helpers import cli_env, refuse_host_reads, setup_run
 from mlflow.tracking import MlflowClient
 
 from models.unet import UNet
@@ -406,17 +406,7 @@ def test_a_training_step_reads_nothing_back_from_the_device(tmp_path, mlflow_uri
 
     counters = {id(state["step"]) for state in trainer.optimizer.state.values()}
 
-    def refuse(name):
-        original = getattr(torch.Tensor, name)
-
-        def read_back(tensor, *args):
-            assert id(tensor) in counters, f"Tensor.{name} of a {tuple(tensor.shape)} tensor inside train_step"
-            return original(tensor, *args)
-
-        return read_back
-
-    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    refuse_host_reads(monkeypatch, counters)
     for step in (1, 2):
         train_step(trainer, next(data)[1], step)
 

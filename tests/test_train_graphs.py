@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import setup_run
+from helpers import refuse_host_reads, setup_run
 
 from tasks import train
 from tasks.common import graphs
@@ -118,17 +118,7 @@ def test_the_graphed_step_reads_nothing_back_from_the_device(tmp_path, mlflow_ur
     step(next(data)[1], 0)  # the eager first step (the EMA's copy)
     counters = {id(state["step"]) for state in trainer.optimizer.state.values()}  # on the CPU off CUDA
 
-    def refuse(name):
-        original = getattr(torch.Tensor, name)
-
-        def read_back(tensor, *args):
-            assert id(tensor) in counters, f"Tensor.{name} of a {tuple(tensor.shape)} tensor inside the step"
-            return original(tensor, *args)
-
-        return read_back
-
-    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    refuse_host_reads(monkeypatch, counters)
     for index in (1, 2, 3):
         step(next(data)[1], index)
 
