@@ -303,6 +303,7 @@ def build_trainer(params: Params, locks: contextlib.ExitStack | None = None) -> 
         lambda_reg=cfg.lambda_reg,
         complexity_mode=cfg.complexity_mode,
         amp_dtype=amp_dtype,
+        cache=not graphs,  # a captured graph cannot keep autocast's cache of cast weights
     )
     on_device_data = cfg.data_on_device is True or (cfg.data_on_device == "auto" and DeviceImages.fits(dataset, device))
     return Trainer(
@@ -455,6 +456,15 @@ def update_ema(ema: AveragedModel, model: torch.nn.Module, decay: float, first: 
     ema.n_averaged += 1
 
 
+def draw(trainer: Trainer, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step's random draws, in this order: the flips (applied to ``x0``), the timesteps, the noise."""
+    if trainer.cfg.random_flip:
+        flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    t = torch.randint(0, trainer.params.diffusion.num_train_steps, (x0.shape[0],), device=x0.device)
+    return x0, t, torch.randn_like(x0)
+
+
 def train_step(trainer: Trainer, x0: torch.Tensor, step: int) -> torch.Tensor:
     """One optimization step on the batch ``x0`` (uint8-scaled floats in [-1, 1], as the dataset yields).
 
@@ -464,11 +474,7 @@ def train_step(trainer: Trainer, x0: torch.Tensor, step: int) -> torch.Tensor:
     cfg = trainer.cfg
     torch.manual_seed(derive_seed(cfg.seed, trainer.dist.rank, step))  # this step's flips, t, noise and dropout
     x0 = x0.to(trainer.device, non_blocking=True).contiguous(memory_format=trainer.memory_format)
-    if cfg.random_flip:
-        flip = torch.rand(x0.shape[0], device=trainer.device) < 0.5
-        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    t = torch.randint(0, trainer.params.diffusion.num_train_steps, (x0.shape[0],), device=trainer.device)
-    losses = trainer.losses(x0, t, torch.randn_like(x0))
+    losses = trainer.losses(*draw(trainer, x0))
     loss = losses["loss"].mean()
 
     set_lr(trainer.optimizer, lr_at(step, cfg.lr, cfg.warmup))
@@ -514,15 +520,6 @@ class GraphedStep:
         self.x0 = torch.zeros(cfg.batch_size, 3, size, size, device=device).contiguous(
             memory_format=trainer.memory_format
         )
-        self.losses = functools.partial(
-            _forward_losses,
-            trainer.model,
-            trainer.alphas_cumprod.float(),
-            lambda_reg=cfg.lambda_reg,
-            complexity_mode=cfg.complexity_mode,
-            amp_dtype=trainer.amp_dtype,
-            cache=False,
-        )
         self.params = [p for p in trainer.model.parameters() if p.requires_grad]
         if device.type == "cuda":  # a tensor that a captured graph reads in place
             for group in trainer.optimizer.param_groups:
@@ -532,9 +529,10 @@ class GraphedStep:
             self.flat = torch.zeros(sum(p.numel() for p in self.params), device=device)
             pieces = self.flat.split([p.numel() for p in self.params])
             self.views = [v.view_as(p) for v, p in zip(pieces, self.params, strict=True)]
-        self.whole = Graphed(lambda: torch.cat([self._forward_backward(), self._update(first=False)]), device)
-        self.forward_backward = Graphed(self._forward_backward, device)
-        self.update = Graphed(lambda: self._update(first=False), device)
+            self.forward_backward = Graphed(self._forward_backward, device)
+            self.update = Graphed(lambda: self._update(first=False), device)
+        else:
+            self.whole = Graphed(lambda: torch.cat([self._forward_backward(), self._update(first=False)]), device)
 
     def __call__(self, x0: torch.Tensor, step: int) -> torch.Tensor:
         """Step ``step`` on the batch ``x0``; returns ``[loss, mse, complexity_term, grad_norm]`` on the device."""
@@ -551,12 +549,8 @@ class GraphedStep:
 
     def _forward_backward(self) -> torch.Tensor:
         """The eager step's flips, forward pass, loss and backward pass; ``[loss, mse, complexity_term]``."""
-        trainer, x0 = self.trainer, self.x0
-        if trainer.cfg.random_flip:
-            flip = torch.rand(x0.shape[0], device=x0.device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(0, trainer.params.diffusion.num_train_steps, (x0.shape[0],), device=x0.device)
-        losses = self.losses(x0, t, torch.randn_like(x0))
+        trainer = self.trainer
+        losses = trainer.losses(*draw(trainer, self.x0))  # the bare model: build_trainer wraps no DDP for graphs
         loss = losses["loss"].mean()
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
