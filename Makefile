@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 PREFECT_PORT ?= 4200
 MLFLOW_PORT  ?= 5000
 
-.PHONY: help setup test test-fast lint format bench demo stages ui ui-stop screenshots clean
+.PHONY: help setup test test-fast lint format bench claims demo stages ui ui-stop screenshots clean
 
 help:
 	@echo "make setup  - create .venv and install the project with its dev tools (quick when done)"
@@ -19,6 +19,7 @@ help:
 	@echo "make lint   - setup, then ruff check + ruff format --check"
 	@echo "make format - setup, then let ruff fix imports and formatting"
 	@echo "make bench  - setup, then U-Net size and CPU training-step speed (JSON)"
+	@echo "make claims - setup, then the design's claims measured on the demo over seeds (docs/claims.md; hours)"
 	@echo "make demo   - setup, then the pipeline on the offline demo (dvc repro evaluate), then where to look"
 	@echo "make stages - setup, then the table of stages (command, DVC stage, module, launch, Prefect artifact)"
 	@echo "make ui     - start the Prefect and MLflow UIs on 127.0.0.1 in the background (make ui-stop ends them)"
@@ -53,6 +54,11 @@ format: setup
 
 bench: setup
 	$(BIN)/python benchmarks/unet_speed.py
+
+# The ablation behind docs/claims.md: 3 loss settings x 5 seeds on the demo, each model's FID per sampler. It
+# resumes where it stopped (results/claims/); `python benchmarks/claims.py --report` prints the tables again.
+claims: setup
+	$(BIN)/python benchmarks/claims.py
 
 # The demo: the main pipeline of dvc.yaml (prepare ... evaluate; not the sweep) on params.yaml (synthetic
 # shapes, a small U-Net, all offline). Runs show up in the Prefect UI when `make ui` is running: each ddim

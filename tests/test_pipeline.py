@@ -549,6 +549,13 @@ def test_a_queued_grid_reaches_the_projects_mlflow_store_and_dvc_exp_show(served
         assert metrics["results/metrics.json"]["fid"] > 0 and metrics["results/metrics.json"]["nfe"] > 0
         assert metrics["results/train/train_metrics.json"]["step"] == 4
         assert metrics["results/train/train_metrics.json"]["loss"] > 0
+    first, second = sorted(experiments)  # seeds 1 and 2: other samples, another FID
+    diff = json.loads(run([dvc, "metrics", "diff", first, second, "--json"], path, env).stdout)
+    assert diff["results/metrics.json"]["fid"]["old"] == experiments[first]["results/metrics.json"]["fid"]
+    assert diff["results/metrics.json"]["fid"]["new"] == experiments[second]["results/metrics.json"]["fid"]
+    plots = json.loads(run([dvc, "plots", "diff", first, second, "--json", "--split"], path, env).stdout)
+    (curve,) = [v for name, v in plots["data"].items() if name.endswith("train_metrics.csv")]  # the loss curve
+    assert set(curve[0]["revisions"]) == {first, second}
 
     from mlflow.tracking import MlflowClient
 

@@ -55,11 +55,15 @@ def _keys(table: pd.DataFrame, by: Sequence[str], over: str) -> list[str]:
 
 
 def group_runs(
-    table: pd.DataFrame, by: Sequence[str], over: str = "train.seed", baseline: dict[str, str] | None = None
+    table: pd.DataFrame,
+    by: Sequence[str],
+    over: str = "train.seed",
+    baseline: dict[str, str] | None = None,
+    metrics: Sequence[str] = METRICS,
 ) -> pd.DataFrame:
-    """One row per group: its keys, the seeds, and for each metric the mean, the 95% interval's half-width
-    and the paired difference to ``baseline`` (``{key: value}`` of the ``by`` keys; default: the first group
-    in sort order) over the seeds both groups have."""
+    """One row per group: its keys, the seeds, and for each of ``metrics`` the mean, the 95% interval's
+    half-width and the paired difference to ``baseline`` (``{key: value}`` of the ``by`` keys; default: the
+    first group in sort order) over the seeds both groups have."""
     keys = _keys(table, by, over)
     table = table.astype({k: "string" for k in keys}).fillna({k: "" for k in keys})
     groups = {name if isinstance(name, tuple) else (name,): rows for name, rows in table.groupby(keys, sort=True)}
@@ -68,7 +72,8 @@ def group_runs(
         if repeated:
             raise UserError(f"{over}={repeated[0]} has several runs in the group {dict(zip(keys, name, strict=True))}")
     base = _baseline(groups, keys, by, baseline)
-    return pd.DataFrame([_summary(keys, name, rows, groups.get(base(name)), over) for name, rows in groups.items()])
+    summaries = [_summary(keys, name, rows, groups.get(base(name)), over, metrics) for name, rows in groups.items()]
+    return pd.DataFrame(summaries)
 
 
 def _baseline(groups: dict, keys: list[str], by: Sequence[str], baseline: dict[str, str] | None):
@@ -82,10 +87,12 @@ def _baseline(groups: dict, keys: list[str], by: Sequence[str], baseline: dict[s
     return lambda name: tuple(str(wanted[k]) if k in wanted else v for k, v in zip(keys, name, strict=True))
 
 
-def _summary(keys: list[str], name: tuple, rows: pd.DataFrame, base: pd.DataFrame | None, over: str) -> dict:
+def _summary(
+    keys: list[str], name: tuple, rows: pd.DataFrame, base: pd.DataFrame | None, over: str, metrics: Sequence[str]
+) -> dict:
     row: dict[str, Any] = dict(zip(keys, name, strict=True))
     row["n"], row["seeds"] = len(rows), " ".join(sorted(rows[over].astype(str), key=lambda s: (len(s), s)))
-    for metric in METRICS:
+    for metric in metrics:
         if metric not in rows.columns:
             continue
         _, row[f"{metric}_mean"], row[f"{metric}_ci95"] = interval(rows[metric].tolist())
@@ -96,16 +103,16 @@ def _summary(keys: list[str], name: tuple, rows: pd.DataFrame, base: pd.DataFram
     return row
 
 
-def format_groups(groups: pd.DataFrame) -> pd.DataFrame:
-    """The grouped table for reading: each metric as ``mean ± half-width`` and its paired difference as
-    ``diff ± half-width``; keys that are the same in every group left out."""
-    keys = [c for c in groups.columns if c not in ("n", "seeds") and not c.startswith(METRICS)]
+def format_groups(groups: pd.DataFrame, metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """The grouped table for reading: each metric as ``mean ± half-width`` (FID to 2 decimals, the rest to
+    5) and its paired difference as ``diff ± half-width``; keys that are the same in every group left out."""
+    keys = [c for c in groups.columns if c not in ("n", "seeds") and not c.startswith(tuple(metrics))]
     shown = [k for k in keys if groups[k].nunique() > 1] or keys[:1]
     out = groups[[*shown, "n", "seeds"]].copy()
-    for metric in METRICS:
+    for metric in metrics:
         if f"{metric}_mean" not in groups:
             continue
-        digits = 2 if metric == "fid" else 5
+        digits = 2 if metric in ("fid", "nfe") else 5
         out[metric] = [
             _pm(m, h, digits) for m, h in zip(groups[f"{metric}_mean"], groups[f"{metric}_ci95"], strict=True)
         ]
