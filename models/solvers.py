@@ -56,9 +56,13 @@ def _schedule(alphas_cumprod: torch.Tensor, ts: list[int]) -> tuple[list[float],
     return alpha, sigma, lam
 
 
-def _data_prediction(eps_model: EpsModel, x: torch.Tensor, t: int, alpha: float, sigma: float) -> torch.Tensor:
+def _data_prediction(
+    eps_model: EpsModel, x: torch.Tensor, t: int, alpha: float, sigma: float, clip_x0: bool
+) -> torch.Tensor:
+    """x0 from the model's eps at ``t``, clamped to [-1, 1] with ``clip_x0`` (not in diffusers' contract)."""
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    return (x - sigma * eps_model(x, t_batch).to(x.dtype)) / alpha
+    x0 = (x - sigma * eps_model(x, t_batch).to(x.dtype)) / alpha
+    return x0.clamp(-1.0, 1.0) if clip_x0 else x0
 
 
 def dpm_solver_order(i: int, n: int, order: int, lower_order_final: bool) -> int:
@@ -99,14 +103,16 @@ def dpm_solver_sample(
     timesteps: torch.Tensor,
     order: int = 2,
     lower_order_final: bool = True,
+    clip_x0: bool = False,
 ) -> torch.Tensor:
     """DPM-Solver++ (multistep, data prediction) from ``x_T`` through the descending ``timesteps`` to x_0, one
-    model evaluation per timestep. ``order`` 1 is DDIM with eta 0 (the same images to rounding)."""
+    model evaluation per timestep. ``order`` 1 is DDIM with eta 0 (the same images to rounding). ``clip_x0``
+    clamps every data prediction to [-1, 1] (as DDIM's ``clip_x0`` does; diffusers' images are without it)."""
     ts = _check(order, timesteps, alphas_cumprod.shape[0])
     alpha, sigma, lam = _schedule(alphas_cumprod, ts)
     x, x0s = x_T, []
     for i, t in enumerate(ts):
-        x0s = [_data_prediction(eps_model, x, t, alpha[i], sigma[i]), *x0s[:2]]
+        x0s = [_data_prediction(eps_model, x, t, alpha[i], sigma[i], clip_x0), *x0s[:2]]
         k = dpm_solver_order(i, len(ts), order, lower_order_final)
         x = dpm_solver_step(x, x0s, lam, i, alpha[i + 1], sigma[i + 1] / sigma[i], k)
     return x
@@ -195,15 +201,17 @@ def unipc_sample(
     order: int = 2,
     variant: Variant = "bh2",
     lower_order_final: bool = True,
+    clip_x0: bool = False,
 ) -> torch.Tensor:
     """UniPC (data prediction) from ``x_T`` through the descending ``timesteps`` to x_0: the predictor at every
-    step, the corrector on every point the predictor reached but the last; one evaluation per timestep."""
+    step, the corrector on every point the predictor reached but the last; one evaluation per timestep.
+    ``clip_x0`` clamps every data prediction to [-1, 1] (diffusers' images are without it)."""
     _check_choice("variant", variant, Variant)
     ts = _check(order, timesteps, alphas_cumprod.shape[0])
     alpha, sigma, lam = _schedule(alphas_cumprod, ts)
     x, x_prev, x0s, k = x_T, x_T, [], 0
     for i, t in enumerate(ts):
-        x0_t = _data_prediction(eps_model, x, t, alpha[i], sigma[i])
+        x0_t = _data_prediction(eps_model, x, t, alpha[i], sigma[i], clip_x0)
         if i > 0:
             x = unipc_corrector(x_prev, x0_t, x0s, lam, i, alpha[i], sigma[i] / sigma[i - 1], k, variant)
         x0s = [x0_t, *x0s[: order - 1]]

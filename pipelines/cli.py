@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pipelines.prefect_api import TemporaryServer, drain_reports
-from tasks.common.config import load_params
+from tasks.common.config import SETTING_KEYS, load_params
 from tasks.common.errors import UserError
 
 
@@ -378,7 +378,7 @@ def run_report(args: argparse.Namespace) -> int:
         raise UserError(f"{metrics_path} not found: run the pipeline first (make demo, or dvc repro)")
     try:
         m = json.loads(metrics_path.read_text())
-        how = f"{m['sampler']}, {m['steps']} steps, eta {m['eta']}" if m["sampler"] == "ddim" else "adaptive"
+        how = m["sampler"] + "".join(f", {k} {m[k]}" for k in SETTING_KEYS[1:] if m.get(k) is not None)
         summary = (
             f"FID {m['fid']:.2f} on {m['num_samples']} samples ({how}; NFE {m['nfe']:.1f}) "
             f"against {m['reference_count']} dataset images"

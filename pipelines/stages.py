@@ -90,7 +90,7 @@ def _manifest(manifest: dict[str, Any], params: Params) -> Artifact:
 
 
 TRAINING_KEYS = ["step", "resumed_from", "loss", "mse", "complexity_term", "images_per_s", "model", "mlflow_run_id"]
-FID_KEYS = ["fid", "num_samples", "sampler", "steps", "eta", "spacing", "nfe", "reference_count"]
+FID_KEYS = ["fid", "num_samples", "sampler", "steps", "eta", "spacing", "order", "variant", "nfe", "reference_count"]
 
 
 def sweep_rows(cells: list[dict[str, Any]]) -> Artifact:

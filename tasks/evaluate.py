@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.common.config import Params
+from tasks.common.config import SETTING_KEYS, Params
 from tasks.common.devices import pick_device
 from tasks.common.fid import (
     EvaluationError,
@@ -55,7 +55,7 @@ def run(params: Params) -> dict[str, Any]:
     metrics = {
         "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref),
         "num_samples": len(files),
-        **{k: sample_stats[k] for k in ("sampler", "steps", "eta", "spacing")},
+        **{k: sample_stats.get(k) for k in SETTING_KEYS},  # older records lack order and variant
         "nfe": sample_stats["nfe_mean"],
         "reference_count": ref_count,
         "precision": sample_stats["precision"],

@@ -166,10 +166,7 @@ def write_stats(out: Path, cfg: SampleConfig, device: str, precision: str) -> di
     stats = {
         "num_samples": done,
         "complete": done == cfg.num_samples,
-        "sampler": cfg.sampler,
-        "steps": cfg.steps if cfg.sampler == "ddim" else None,
-        "eta": cfg.eta,
-        "spacing": cfg.spacing if cfg.sampler == "ddim" else None,
+        **cfg.settings(),  # the sampler and its settings (None where one does not apply to it)
         "nfe_mean": float(made.mean()) if len(made) else None,
         "nfe_min": int(made.min()) if len(made) else None,
         "nfe_max": int(made.max()) if len(made) else None,

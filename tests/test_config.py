@@ -153,3 +153,25 @@ def test_resume_never_cannot_be_restarted_by_torchrun(tmp_path):
     (tmp_path / "p.yaml").write_text("train: {resume: never, max_restarts: 2}\n")
     with pytest.raises(ConfigError, match="a restarted rank would refuse the checkpoints its own job wrote"):
         load_params(tmp_path / "p.yaml")
+
+
+def test_each_sampler_records_only_the_settings_that_apply_to_it():
+    from tasks.common.config import SampleConfig
+    from tasks.common.tracking import evaluation_name
+
+    base = {"steps": 20, "spacing": "trailing", "eta": 1.0, "order": 3, "variant": "bh1", "base_step_size": 4.0}
+    expected = {
+        "ddim": ({"steps": 20, "spacing": "trailing", "eta": 1.0}, "ddim-20steps-eta1.0-trailing"),
+        "dpm-solver++": ({"steps": 20, "spacing": "trailing", "order": 3}, "dpm-solver++-order3-20steps-trailing"),
+        "unipc": (
+            {"steps": 20, "spacing": "trailing", "order": 3, "variant": "bh1"},
+            "unipc-bh1-order3-20steps-trailing",
+        ),
+        "adaptive": ({"eta": 1.0, "base_step_size": 4.0}, "adaptive-base4.0-eta1.0"),
+    }
+    for sampler, (used, name) in expected.items():
+        settings = SampleConfig(sampler=sampler, **base).settings()
+        assert settings == {"sampler": sampler, **dict.fromkeys(base), **used}
+        assert evaluation_name(settings) == name
+    eta0 = SampleConfig(sampler="ddim", steps=10, eta=0.0, spacing="quad").settings()
+    assert evaluation_name(eta0) == "ddim-10steps-eta0.0-quad"  # eta 0 is a setting, not a blank

@@ -18,6 +18,7 @@ from helpers import read_images
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from models.solvers import dpm_solver_sample, unipc_sample
 from tasks import sample
 from tasks.common.config import load_params
 from tasks.common.fid import EvaluationError, fid_between, frechet_distance, statistics
@@ -30,8 +31,10 @@ from tasks.common.inception import InceptionError, install_fid_weights, weights_
         ["sample.sampler=ddim", "sample.eta=0.0"],
         ["sample.sampler=ddim", "sample.eta=1.0"],
         ["sample.sampler=adaptive", "sample.eta=0.5", "sample.base_step_size=0.5", "sample.max_step=400"],
+        ["sample.sampler=dpm-solver++", "sample.order=3"],
+        ["sample.sampler=unipc", "sample.variant=bh1"],
     ],
-    ids=["ddim-eta0", "ddim-eta1", "adaptive"],
+    ids=["ddim-eta0", "ddim-eta1", "adaptive", "dpm-solver++", "unipc"],
 )
 def test_image_i_is_the_same_for_batch_sizes_3_and_8(trained, tmp_path, sampler):
     images = {}
@@ -45,6 +48,33 @@ def test_image_i_is_the_same_for_batch_sizes_3_and_8(trained, tmp_path, sampler)
     diff = np.abs(images[3] - images[8])
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     assert not np.array_equal(images[3][0], images[3][1])
+
+
+@pytest.mark.parametrize(
+    ("sampler", "solve"),
+    [
+        ("dpm-solver++", lambda m, x, ac, ts: dpm_solver_sample(m, x, ac, ts, 3, clip_x0=True)),
+        ("unipc", lambda m, x, ac, ts: unipc_sample(m, x, ac, ts, 3, "bh1", clip_x0=True)),
+    ],
+)
+def test_the_sample_stage_draws_the_solvers_images_and_records_their_settings(trained, tmp_path, sampler, solve):
+    from models.diffusion import ddim_timesteps
+    from tasks.common.inference import load_for_sampling
+    from tasks.common.seeds import derive_seed
+
+    out = tmp_path / sampler
+    overrides = [f"sample.sampler={sampler}", "sample.order=3", "sample.variant=bh1", f"paths.samples={out}"]
+    params = load_params(trained, overrides)
+    stats = sample.run(params)
+    settings = {"steps": 5, "spacing": params.sample.spacing, "order": 3, "eta": None, "base_step_size": None}
+    assert {k: stats[k] for k in settings} == settings and stats["variant"] == ("bh1" if sampler == "unipc" else None)
+    assert stats["nfe_mean"] == len(ddim_timesteps(1000, 5, params.sample.spacing))
+    model, ac = load_for_sampling(params, torch.device("cpu"))
+    size, generator = model.config.image_size, torch.Generator().manual_seed(derive_seed(params.sample.seed, 2))
+    x_T = torch.randn(1, 3, size, size, generator=generator)
+    x0 = solve(model, x_T, ac, ddim_timesteps(1000, 5, params.sample.spacing))
+    expected = ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()[0]
+    assert np.abs(read_images(out, 8)[2].astype(int) - expected.astype(int)).max() <= 1
 
 
 @pytest.mark.integration
@@ -313,7 +343,8 @@ def test_sample_reference_evaluate_flows(prefect_server, trained):
     assert state.is_completed()
     metrics = json.loads((trained.parent / "metrics.json").read_text())
     assert set(metrics) == {
-        *("fid", "num_samples", "sampler", "steps", "eta", "spacing", "nfe", "reference_count"),
+        *("fid", "num_samples", "sampler", "steps", "eta", "spacing", "order", "variant", "base_step_size"),
+        *("nfe", "reference_count"),
         *("precision", "device"),
     }
     assert (metrics["precision"], metrics["device"]) == ("fp32", "cpu"), "what auto resolved to, not auto"

@@ -20,7 +20,7 @@ import pandas as pd
 from tasks.common.errors import UserError
 
 METRICS = ("final_mse", "final_loss", "fid")
-SAMPLING = ("sampler", "steps", "spacing", "base_step", "eta", "num_samples", "reference_count")
+SAMPLING = ("sampler", "steps", "spacing", "order", "variant", "base_step", "eta", "num_samples", "reference_count")
 
 
 def t_quantile(p: float, dof: int) -> float:

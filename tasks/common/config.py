@@ -52,6 +52,15 @@ STAGES = ("prepare", "reference", "train", "sample", "evaluate", "sweep", "sweep
 MODEL_STAGES = ("train", "sample", "sweep", "reconstruct", "interpolate")
 # The stages that run the trained network (with the sample section's precision and compile).
 INFERENCE_STAGES = ("sample", "sweep", "reconstruct", "interpolate")
+Sampler = Literal["ddim", "dpm-solver++", "unipc", "adaptive"]
+#: The settings that apply to each sampler (the others are blank in its records and tables).
+SAMPLER_SETTINGS = {
+    "ddim": ("steps", "spacing", "eta"),
+    "dpm-solver++": ("steps", "spacing", "order"),
+    "unipc": ("steps", "spacing", "order", "variant"),
+    "adaptive": ("base_step_size", "eta"),
+}
+SETTING_KEYS = ("sampler", "steps", "spacing", "eta", "order", "variant", "base_step_size")
 
 
 def result(default: Any, description: str, *, stages: str | tuple[str, ...], **constraints: Any) -> Any:
@@ -265,12 +274,20 @@ class SampleConfig(Section):
 
     num_samples: int = result(50_000, "images to generate (FID below 2,048 is biased)", stages="sample", ge=1)
     batch_size: int = result(500, "images per sampler call", stages="sample", ge=1)
-    sampler: Literal["ddim", "adaptive"] = result("ddim", "ddim | adaptive (the design's sampler)", stages="sample")
-    steps: int = result(100, "ddim: number of timesteps", stages="sample", ge=1)
-    eta: float = result(0.0, "0: deterministic DDIM; 1: DDPM-like", stages="sample", ge=0)
-    spacing: Spacing = result(
-        "quad", "ddim: uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing", stages="sample"
+    sampler: Sampler = result(
+        "ddim", "ddim | dpm-solver++ | unipc (ODE solvers) | adaptive (the design's sampler)", stages="sample"
     )
+    steps: int = result(
+        100, "ddim, dpm-solver++, unipc: number of timesteps", stages="sample", ge=1
+    )
+    eta: float = result(0.0, "ddim, adaptive: 0 deterministic (the ODE); 1 DDPM-like", stages="sample", ge=0)
+    spacing: Spacing = result(
+        "quad",
+        "ddim, dpm-solver++, unipc: uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing",
+        stages="sample",
+    )
+    order: int = result(2, "dpm-solver++, unipc: the solver's order (1-3)", stages="sample", ge=1, le=3)
+    variant: Literal["bh1", "bh2"] = result("bh2", "unipc: bh1 | bh2 (the B(h) of Zhao et al.)", stages="sample")
     clip_x0: bool = result(True, "clamp each x0 prediction to [-1, 1]", stages=("sample", "sweep"))
     seed: int = result(0, "image i's noise comes from (seed, i), whatever the batch size", stages=("sample", "sweep"))
     base_step_size: float = result(
@@ -295,6 +312,11 @@ class SampleConfig(Section):
         if self.min_step > self.max_step:
             raise ValueError(f"sample.min_step ({self.min_step}) must not exceed sample.max_step ({self.max_step})")
         return self
+
+    def settings(self) -> dict[str, Any]:
+        """The sampler and its settings, the ones that do not apply to it None: what records and tables show."""
+        used = {"sampler", *SAMPLER_SETTINGS[self.sampler]}
+        return {k: getattr(self, k) if k in used else None for k in SETTING_KEYS}
 
 
 class SweepConfig(Section):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from models.diffusion import adaptive_ddim_sample, ddim_sample, ddim_timesteps
+from models.solvers import dpm_solver_sample, unipc_sample
 from models.unet import UNet
 from tasks.common.checkpoint import MODEL_FILE, ModelFileError, load_model
 from tasks.common.config import Params, SampleConfig
@@ -127,12 +128,17 @@ def sample_images(
     x_T = torch.stack([torch.randn(3, image_size, image_size, generator=g) for g in generators]).to(device)
 
     def draw(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if cfg.sampler == "adaptive":
+            args = (cfg.base_step_size, cfg.min_step, cfg.max_step, cfg.eta, cfg.clip_x0, cfg.complexity_mode)
+            return adaptive_ddim_sample(model, x, alphas_cumprod, *args, generators)
+        timesteps = ddim_timesteps(alphas_cumprod.shape[0], cfg.steps, cfg.spacing)
         if cfg.sampler == "ddim":
-            timesteps = ddim_timesteps(alphas_cumprod.shape[0], cfg.steps, cfg.spacing)
             x0 = ddim_sample(model, x, alphas_cumprod, timesteps, cfg.eta, cfg.clip_x0, generators)
-            return x0, torch.full((len(indices),), len(timesteps), dtype=torch.long)
-        args = (cfg.base_step_size, cfg.min_step, cfg.max_step, cfg.eta, cfg.clip_x0, cfg.complexity_mode)
-        return adaptive_ddim_sample(model, x, alphas_cumprod, *args, generators)
+        elif cfg.sampler == "dpm-solver++":
+            x0 = dpm_solver_sample(model, x, alphas_cumprod, timesteps, cfg.order, clip_x0=cfg.clip_x0)
+        else:
+            x0 = unipc_sample(model, x, alphas_cumprod, timesteps, cfg.order, cfg.variant, clip_x0=cfg.clip_x0)
+        return x0, torch.full((len(indices),), len(timesteps), dtype=torch.long)
 
     def broken() -> SamplingError:
         where = f"images {indices[0]}..{indices[-1]}"

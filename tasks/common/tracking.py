@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.common.config import TrackingConfig
+from tasks.common.config import SAMPLER_SETTINGS, TrackingConfig
 from tasks.common.errors import UserError, first_line
 from tasks.common.files import atomic_path, exclusive, project_path
 
@@ -434,12 +434,19 @@ def log_evaluation(
     id, or None: tracking off, or a server that does not answer)."""
     if not cfg.enabled:
         return None
-    s = metrics
-    name = f"{s['sampler']}-{s['steps'] or 'adaptive'}steps-eta{s['eta']}" + (
-        f"-{s['spacing']}" if s["spacing"] else ""
-    )
+    name = evaluation_name(metrics)
     tags = {"stage": "evaluate", **{k: str(metrics[k]) for k in ("device", "precision") if k in metrics}} | (tags or {})
     return log_child_run(cfg, parent_run_id, name, params, metrics, [grid] if grid is not None else [], tags)
+
+
+def evaluation_name(metrics: dict[str, Any]) -> str:
+    """``ddim-50steps-eta1.0-quad``, ``unipc-bh2-order2-10steps-quad``, ``adaptive-base2.0-eta1.0``: the sampler
+    and the settings that apply to it."""
+    s = metrics
+    parts = [s["sampler"], s.get("variant"), s.get("order") and f"order{s['order']}"]
+    parts += [s.get("steps") and f"{s['steps']}steps", s.get("base_step_size") and f"base{s['base_step_size']}"]
+    parts += [f"eta{s['eta']}" if s.get("eta") is not None else None, s.get("spacing")]
+    return "-".join(str(p) for p in parts if p)
 
 
 COUNTS = ("num_samples", "reference_count")  # an FID is comparable only with FIDs at the same counts
@@ -448,13 +455,17 @@ COUNTS = ("num_samples", "reference_count")  # an FID is comparable only with FI
 def _sampling_row(child: Any) -> dict[str, Any]:
     """A child run's sampling config and results; settings that do not apply to its sampler stay empty."""
     p, m = child.data.params, child.data.metrics
-    ddim = p.get("sample.sampler") == "ddim"
+    sampler = p.get("sample.sampler")
+    used = SAMPLER_SETTINGS.get(sampler, ())
+
+    def setting(key: str) -> Any:
+        return p.get(f"sample.{key}") if key in used else None
+
     return {
-        "sampler": p.get("sample.sampler"),
-        "steps": p.get("sample.steps") if ddim else None,
-        "spacing": p.get("sample.spacing") if ddim else None,
-        "base_step": None if ddim else p.get("sample.base_step_size"),
-        "eta": p.get("sample.eta"),
+        "sampler": sampler,
+        **{key: setting(key) for key in ("steps", "spacing", "order", "variant")},
+        "base_step": setting("base_step_size"),
+        "eta": setting("eta"),
         **{k: int(m[k]) if m.get(k) is not None else None for k in COUNTS},
         "nfe": m.get("nfe"),
         "fid": m.get("fid"),
