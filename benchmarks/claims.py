@@ -37,8 +37,11 @@ a third process busy beside them; AMD EPYC, the demo model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
+import math
 import os
 import platform
 import signal
@@ -188,13 +191,13 @@ def cached(path: Path, compute) -> dict[str, Any]:
 
 
 def train_once(params: Params) -> dict[str, Any]:
-    """Train (or resume) the run; its seconds and the last logging window's metrics."""
+    """Train (or resume) the run; its seconds, the step it started from and the last logging window's metrics."""
     from tasks import train
 
     start = time.perf_counter()
-    train.run(params)
+    resumed_from = train.run(params).get("resumed_from", 0)
     final = json.loads((Path(params.paths.train) / "train_metrics.json").read_text())
-    return {**final, "seconds": round(time.perf_counter() - start, 1)}
+    return {**final, "seconds": round(time.perf_counter() - start, 1), "resumed_from": resumed_from}
 
 
 def run_one(out: Path, size: Size, setting: str, seed: int, adaptive: list[float]) -> None:
@@ -219,12 +222,22 @@ def worker_command(args: argparse.Namespace, setting: str, seed: int) -> list[st
     return [sys.executable, str(Path(__file__).resolve()), *run, "--adaptive", *adaptive]
 
 
+def die_with_parent() -> None:
+    """In a worker, before it runs: the kernel sends it SIGTERM when the driver dies, even of SIGKILL (Linux)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def launch(args: argparse.Namespace, setting: str, seed: int, env: dict[str, str]) -> subprocess.Popen:
     """One worker process for the run, its output appended to the run folder's log.txt."""
     folder = args.out / "runs" / run_name(setting, seed)
     folder.mkdir(parents=True, exist_ok=True)
+    preexec = die_with_parent if sys.platform.startswith("linux") else None
     with (folder / "log.txt").open("a") as log:
-        proc = subprocess.Popen(worker_command(args, setting, seed), stdout=log, stderr=log, env=env)
+        command = worker_command(args, setting, seed)
+        proc = subprocess.Popen(command, stdout=log, stderr=log, env=env, preexec_fn=preexec)
     print(f"[claims: {folder.name} started]", file=sys.stderr, flush=True)
     return proc
 
@@ -243,7 +256,7 @@ def finished(running: dict[str, subprocess.Popen], out: Path) -> None:
 def run_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
     """The runs in ``args.jobs`` worker processes at a time, each with its share of the cores; the first
     failure stops the study and is raised. No worker outlives this call."""
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    threads = max(1, len(os.sched_getaffinity(0)) // args.jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     pending, running = list(runs), {}
     try:
@@ -254,21 +267,42 @@ def run_all(args: argparse.Namespace, runs: list[tuple[str, int]]) -> None:
             time.sleep(1.0)
             finished(running, args.out)
     finally:
-        for proc in running.values():
+        stop(list(running.values()))
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """End the workers: SIGTERM (training writes a checkpoint), SIGKILL after 60 s; a second signal to the
+    driver meanwhile is ignored, so none is left behind."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        for proc in procs:
             proc.terminate()
-        for proc in running.values():
-            proc.wait()
+        for proc in procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def incomplete(out: Path) -> list[str]:
+    """The runs under ``out`` that have not got as far as their first FID."""
+    folders = sorted((out / "runs").glob("*-seed*"))
+    return [f.name for f in folders if not (f / "heldout.json").is_file() or not any((f / "cells").glob("*.json"))]
 
 
 def collect(out: Path) -> pd.DataFrame:
     """One row per (finished run, cell): the run's setting, seed and training measurements beside the cell's."""
     rows = []
     for folder in sorted((out / "runs").glob("*-seed*")):
-        if not (folder / "heldout.json").is_file():
+        if folder.name in incomplete(out):
             continue
         setting, seed = folder.name.rsplit("-seed", 1)
         trained = json.loads((folder / "train.json").read_text())
         run = {"setting": setting, "train.seed": int(seed), "model": folder.name, "train_seconds": trained["seconds"]}
+        run["resumed_from"] = trained.get("resumed_from", 0)
         run |= {"final_mse": trained["mse"], "final_loss": trained["loss"]}
         run |= json.loads((folder / "heldout.json").read_text())
         for cell in sorted((folder / "cells").glob("*.json")):
@@ -280,7 +314,8 @@ def loss_table(rows: pd.DataFrame) -> pd.DataFrame:
     """The complexity loss's claim: per setting, the losses and the demo sampler's FID, paired to plain."""
     demo = rows[rows["cell"].str.fullmatch(r"ddim-\d+")].drop(columns=["cell", "model"])
     groups = group_runs(demo, ["setting"], baseline={"setting": "plain"}, metrics=LOSS_METRICS)
-    return format_groups(groups, LOSS_METRICS)
+    # Each setting minimises its own objective (plain: the MSE alone), so their final losses are not paired.
+    return format_groups(groups, LOSS_METRICS).drop(columns=["final_loss - baseline"])
 
 
 def curve_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -290,24 +325,35 @@ def curve_table(rows: pd.DataFrame) -> pd.DataFrame:
     return format_groups(groups, ("nfe", "fid"))
 
 
+def matched_pairs(rows: pd.DataFrame, base: str) -> pd.DataFrame:
+    """Per model: the adaptive cell at ``base`` beside its DDIM cell at the matched NFE."""
+    a = rows[rows["cell"] == f"adaptive-{base}"].set_index("model")
+    d = rows[rows["cell"] == f"ddim-matched-{base}"].set_index("model")
+    both = a.index.intersection(d.index)
+    a, d = a.loc[both], d.loc[both]
+    pairs = a[["setting", "train.seed"]].copy()
+    pairs["adaptive_nfe"], pairs["adaptive_fid"] = a["nfe"], a["fid"]
+    pairs["ddim_nfe"], pairs["ddim_fid"], pairs["ddim_steps"] = d["nfe"], d["fid"], d["steps"]
+    pairs["difference"] = a["fid"] - d["fid"]
+    return pairs
+
+
 def adaptive_table(rows: pd.DataFrame) -> list[dict[str, Any]]:
     """The adaptive sampler's claim: per base step size, its FID minus DDIM's at the same model's mean NFE,
-    paired model by model (every setting's models)."""
+    per setting (one model per seed), and over all settings with each seed's models averaged first: models of
+    one seed share initial weights, data order and noise, so the seeds, not the models, are independent."""
     out = []
-    for name in sorted(c for c in rows["cell"].unique() if c.startswith("adaptive-")):
-        base = name.removeprefix("adaptive-")
-        a = rows[rows["cell"] == name].set_index("model")
-        d = rows[rows["cell"] == f"ddim-matched-{base}"].set_index("model")
-        both = a.index.intersection(d.index)
-        a, d = a.loc[both], d.loc[both]
-        n, diff, half = interval((a["fid"] - d["fid"]).tolist())
-        row = {"base_step": base, "models": n, "ddim_steps": " ".join(str(int(s)) for s in sorted(set(d["steps"])))}
-        for label, frame in (("adaptive", a), ("ddim", d)):
-            for metric in ("nfe", "fid"):
-                _, mean, h = interval(frame[metric].tolist())
-                row[f"{label}_{metric}"] = f"{mean:.2f} ± {h:.2f}" if n > 1 else f"{mean:.2f}"
-        row["fid adaptive - ddim"] = f"{diff:.2f} ± {half:.2f}" if n > 1 else f"{diff:.2f}"
-        out.append(row)
+    bases = sorted((c.removeprefix("adaptive-") for c in rows["cell"].unique() if c.startswith("adaptive-")), key=float)
+    for base in bases:
+        pairs = matched_pairs(rows, base)
+        for setting, group in [*pairs.groupby("setting", sort=True), ("all (seed means)", pairs)]:
+            per_seed = group.drop(columns="setting").groupby("train.seed").mean()
+            row = {"base_step": base, "setting": setting, "seeds": len(per_seed)}
+            row["ddim_steps"] = " ".join(str(int(v)) for v in sorted(set(group["ddim_steps"])))
+            for column in ("adaptive_nfe", "ddim_nfe", "adaptive_fid", "ddim_fid", "difference"):
+                _, mean, half = interval(per_seed[column].tolist())
+                row[column] = f"{mean:.2f}" + ("" if math.isnan(half) else f" ± {half:.2f}")
+            out.append(row)
     return out
 
 
@@ -333,17 +379,19 @@ def report(out: Path) -> str:
         raise SystemExit(f"claims: error: no finished runs in {out}: run the study first (without --report)")
     rows.to_csv(out / "rows.csv", index=False)
     per_run = rows.drop_duplicates("model")
-    _, train_s, _ = interval(per_run["train_seconds"].tolist())
+    _, train_s, _ = interval(per_run.loc[per_run["resumed_from"] == 0, "train_seconds"].tolist())
+    unfinished = incomplete(out)
     machines = json.loads((out / "study.json").read_text())["machines"]
     header = [
         f"{len(per_run)} runs ({', '.join(f'{s}: {(per_run.setting == s).sum()}' for s in SETTINGS)}); "
-        f"training {train_s:.0f} s per run on average; {'; '.join(machines)}",
+        f"training {train_s:.0f} s per run on average (runs trained in one go); {'; '.join(machines)}",
+        *([f"Not finished, left out: {', '.join(unfinished)}"] if unfinished else []),
         "",
         "Losses and the demo sampler's FID, per setting (mean ± 95% interval over seeds; paired to plain):",
         "",
         as_markdown(loss_table(rows)),
         "",
-        "The adaptive sampler against DDIM at the same model's mean NFE (paired model by model):",
+        "The adaptive sampler against DDIM at the same model's mean NFE (paired model by model; 'all': seed means):",
         "",
         as_markdown(adaptive_table(rows)),
         "",
@@ -384,15 +432,29 @@ def main(argv: list[str] | None = None) -> None:
     print(report(args.out))
 
 
+def fingerprint(out: Path, size: Size) -> str:
+    """What every run's params share (the demo profile with this size, the held-out set), hashed: a study
+    folder resumes only the study it was started with."""
+    params = study_params(out, size, "plain", 0).model_dump(mode="json", exclude={"paths"})
+    what = {"params": params, "settings": SETTINGS, "heldout": [HELDOUT_DATA_SEED, HELDOUT_DRAW_SEED, size.heldout]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def study(args: argparse.Namespace) -> None:
-    """Check ``--out`` holds this size's study (or nothing), make the shared data, run what is missing."""
+    """Check ``--out`` holds this study (or nothing), make the shared data, run what is missing."""
     machine = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.jobs} runs at a time"
-    meta = args.out / "study.json"
+    meta, size = args.out / "study.json", SIZES[args.size]
     known = json.loads(meta.read_text()) if meta.is_file() else {"size": args.size, "machines": []}
     if known["size"] != args.size:
         raise SystemExit(f"claims: error: {args.out} holds a study of another --size: choose another --out")
+    if known.setdefault("fingerprint", fingerprint(args.out, size)) != fingerprint(args.out, size):
+        raise SystemExit(
+            f"claims: error: {args.out} holds a study of other params (profiles/demo.yaml, the defaults or the "
+            "study's settings changed since): choose another --out"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json({"size": args.size, "machines": list(dict.fromkeys([*known["machines"], machine]))}, meta)
+    machines = list(dict.fromkeys([*known["machines"], machine]))
+    write_json({"size": args.size, "fingerprint": known["fingerprint"], "machines": machines}, meta)
     prepare_shared(study_params(args.out, SIZES[args.size], "plain", 0))
     runs = [(setting, seed) for seed in range(args.seeds) for setting in args.settings]
     start = time.perf_counter()

@@ -123,9 +123,10 @@ def adaptive_at(eps, x_T: torch.Tensor, alphas_cumprod: torch.Tensor, nfe: int) 
     return best
 
 
-def fitted_order(errors: dict[int, float]) -> float:
-    """Minus the least-squares slope of log RMS error against log NFE over FIT."""
-    x = np.log([n for n in FIT])
+def fitted_order(errors: dict[int, float], nfe: dict[int, float] | None = None) -> float:
+    """Minus the least-squares slope of log RMS error against log NFE (``nfe``: the NFE each column reached)
+    over the columns FIT."""
+    x = np.log([(nfe or {})[n] if nfe else n for n in FIT])
     y = np.log([math.sqrt(errors[n]) for n in FIT])
     return float(-np.polyfit(x, y, 1)[0])
 
@@ -147,7 +148,7 @@ def measure(grid: str, scale: float, samples: int) -> dict:
     runs = {n: adaptive_at(eps, x_T, alphas_cumprod, n) for n in NFES}
     errors = {n: mse(runs[n][0], x0_ref) for n in NFES}
     rows.append({"sampler": "adaptive (design)", "mse": errors, "nfe": {n: runs[n][1] for n in NFES}})
-    rows[-1]["order"] = fitted_order(errors)
+    rows[-1]["order"] = fitted_order(errors, rows[-1]["nfe"])
     return {"grid": grid, "scale": scale, "samples": samples, "floor_mse": mse(x0_ref, ode_end), "rows": rows}
 
 

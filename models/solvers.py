@@ -19,8 +19,10 @@ order, which lands exactly on the last data prediction (as diffusers does with `
 - :func:`unipc_sample`: UniPC (Zhao et al. 2023): the UniP predictor and, after every step but the last, the
   UniC corrector, which reuses the model evaluation at the predicted point to refine it (no extra evaluation),
   variants ``bh1`` (B(h) = h) and ``bh2`` (B(h) = e^h - 1). Exactly diffusers' ``UniPCMultistepScheduler(
-  predict_x0=True, final_sigmas_type="zero")``, with one difference: with ``bh1`` diffusers' last step computes
-  ``-inf * 0`` and returns NaN; here it returns the last data prediction, the step's limit.
+  predict_x0=True, final_sigmas_type="zero")``, except where diffusers' last step is not finite: with ``bh1``
+  it computes ``-inf * 0`` (NaN), and with ``lower_order_final=False`` it takes that step at full order and
+  divides by a zero ratio (NaN, infinities, or at order 3 a singular system). Here the last step is always
+  first order and returns the last data prediction, the step's limit.
 """
 
 from __future__ import annotations

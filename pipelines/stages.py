@@ -90,7 +90,19 @@ def _manifest(manifest: dict[str, Any], params: Params) -> Artifact:
 
 
 TRAINING_KEYS = ["step", "resumed_from", "loss", "mse", "complexity_term", "images_per_s", "model", "mlflow_run_id"]
-FID_KEYS = ["fid", "num_samples", "sampler", "steps", "eta", "spacing", "order", "variant", "nfe", "reference_count"]
+FID_KEYS = [
+    "fid",
+    "num_samples",
+    "sampler",
+    "steps",
+    "eta",
+    "spacing",
+    "order",
+    "variant",
+    "base_step_size",
+    "nfe",
+    "reference_count",
+]
 
 
 def sweep_rows(cells: list[dict[str, Any]]) -> Artifact:

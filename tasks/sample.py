@@ -1,4 +1,4 @@
-"""The sample stage: generate ``sample.num_samples`` images from ``model.pt`` with DDIM or the adaptive sampler.
+"""The sample stage: generate ``sample.num_samples`` images from ``model.pt`` with ``sample.sampler``.
 
 Image i starts from noise seeded by (``sample.seed``, i) (``tasks/common/inference.py``): it is the same image whatever
 the batch size, the device, or how many processes draw the images (``sample.nproc_per_node > 1``: ``ddim
@@ -60,8 +60,10 @@ def count_done(folder: Path, total: int) -> int:
 
 
 def sampling_identity(cfg: SampleConfig, model_path: Path) -> dict[str, Any]:
-    """What makes the images: the sampling keys that can change them, and the model file's sha256."""
-    return {"sample": cfg.model_dump(include=set(cfg.result_keys())), "model_sha256": file_hash(model_path)}
+    """What makes the images: the sampling keys that can change them (not the settings of other samplers: a
+    new ``order`` redraws no DDIM image), and the model file's sha256."""
+    unused = {key for key, value in cfg.settings().items() if value is None}
+    return {"sample": cfg.model_dump(include=set(cfg.result_keys()) - unused), "model_sha256": file_hash(model_path)}
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -3,9 +3,13 @@ runs, resumes and adds only the cells it lacks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -66,14 +70,20 @@ def test_the_loss_table_holds_each_settings_interval_and_its_paired_difference_t
     mses = [0.030, 0.031, 0.032]
     assert table.loc["plain", "final_mse"] == f"{0.031:.5f} ± {half_width(mses):.5f}"
     assert list(table["n"]) == [3, 3]
+    assert "final_loss - baseline" not in table  # each setting minimises its own loss: nothing to pair
 
 
-def test_the_adaptive_table_pairs_each_model_with_ddim_at_its_nfe():
-    (row,) = claims.adaptive_table(study_rows())
-    diffs = [90.0 + s + shift - 85.0 - shift for shift in (0.0, 1.0) for s in range(3)]  # 5, 6, 7 twice
-    assert row["models"] == 6 and row["ddim_steps"] == "58 59 60"
-    assert row["fid adaptive - ddim"] == f"{6.0:.2f} ± {half_width(diffs):.2f}"
-    assert row["adaptive_nfe"] == row["ddim_nfe"] == f"{58.0:.2f} ± {half_width([57.0, 58, 59] * 2):.2f}"
+def test_the_adaptive_table_pairs_each_model_with_ddim_at_its_nfe_and_pools_seeds_not_models():
+    rows = study_rows()
+    rows.loc[(rows["setting"] == "scaled") & (rows["cell"] == "adaptive-6"), "fid"] += 2.0  # scaled: +2 more
+    table = {r["setting"]: r for r in claims.adaptive_table(rows)}
+    assert list(table) == ["plain", "scaled", "all (seed means)"]
+    plain, scaled, pooled = [5.0, 6.0, 7.0], [7.0, 8.0, 9.0], [6.0, 7.0, 8.0]  # adaptive - ddim, seeds 0, 1, 2
+    assert table["plain"]["difference"] == f"{6.0:.2f} ± {half_width(plain):.2f}"
+    assert table["scaled"]["difference"] == f"{8.0:.2f} ± {half_width(scaled):.2f}"
+    assert table["all (seed means)"]["difference"] == f"{7.0:.2f} ± {half_width(pooled):.2f}"  # n = 3 seeds, not 6
+    assert {r["seeds"] for r in table.values()} == {3} and table["plain"]["ddim_steps"] == "58 59 60"
+    assert table["plain"]["adaptive_nfe"] == table["plain"]["ddim_nfe"] == f"58.00 ± {half_width([57, 58, 59]):.2f}"
 
 
 def test_the_curve_table_groups_a_matched_cell_over_its_models_steps():
@@ -113,3 +123,30 @@ def test_a_micro_study_runs_resumes_and_adds_only_the_cells_it_lacks(tmp_path, c
 
     with pytest.raises(SystemExit, match="another --size"):
         claims.main(["--size", "demo", "--out", str(out), "--seeds", "1"])
+    meta = json.loads((out / "study.json").read_text())
+    (out / "study.json").write_text(json.dumps({**meta, "fingerprint": "0" * 16}))  # as if the profile had changed
+    with pytest.raises(SystemExit, match="holds a study of other params"):
+        claims.main([*common, "--seeds", "1"])
+
+
+def test_a_worker_dies_with_the_study_even_when_the_study_is_killed(tmp_path):
+    """The study's workers get SIGTERM from the kernel when their driver dies, SIGKILL included."""
+    driver = (
+        "import argparse, sys, time; sys.path.insert(0, 'benchmarks'); import claims\n"
+        "claims.worker_command = lambda args, setting, seed: [sys.executable, '-c', 'import time; time.sleep(120)']\n"
+        f"args = argparse.Namespace(out=__import__('pathlib').Path({str(tmp_path)!r}))\n"
+        "print(claims.launch(args, 'plain', 0, {}).pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=root, stdout=subprocess.PIPE, text=True)
+    worker = int(proc.stdout.readline())
+    assert Path(f"/proc/{worker}").exists()
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 10
+    while Path(f"/proc/{worker}").exists() and time.time() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(worker, os.WNOHANG)  # not our child: a zombie would be reaped by init
+        time.sleep(0.1)
+    assert not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text().split()[2]

@@ -277,9 +277,7 @@ class SampleConfig(Section):
     sampler: Sampler = result(
         "ddim", "ddim | dpm-solver++ | unipc (ODE solvers) | adaptive (the design's sampler)", stages="sample"
     )
-    steps: int = result(
-        100, "ddim, dpm-solver++, unipc: number of timesteps", stages="sample", ge=1
-    )
+    steps: int = result(100, "ddim, dpm-solver++, unipc: number of timesteps", stages="sample", ge=1)
     eta: float = result(0.0, "ddim, adaptive: 0 deterministic (the ODE); 1 DDPM-like", stages="sample", ge=0)
     spacing: Spacing = result(
         "quad",
