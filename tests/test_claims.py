@@ -119,7 +119,7 @@ def test_a_micro_study_runs_resumes_and_adds_only_the_cells_it_lacks(tmp_path, c
     matched = json.loads((first / "cells" / "ddim-matched-6.json").read_text())
     adaptive = json.loads((first / "cells" / "adaptive-6.json").read_text())
     assert nfe(matched["steps"], "quad") == claims.matched_steps(adaptive["nfe"], 1000, "quad") and matched["nfe"] > 0
-    assert "| 6 | 1 |" in (out / "claims.md").read_text()  # the adaptive table: base 6, one model
+    assert "| 6 | plain | 1 |" in (out / "claims.md").read_text()  # the adaptive table: base 6, plain, one seed
 
     with pytest.raises(SystemExit, match="another --size"):
         claims.main(["--size", "demo", "--out", str(out), "--seeds", "1"])
