@@ -295,9 +295,9 @@ def incomplete(out: Path) -> list[str]:
 
 def collect(out: Path) -> pd.DataFrame:
     """One row per (finished run, cell): the run's setting, seed and training measurements beside the cell's."""
-    rows = []
+    rows, unfinished = [], set(incomplete(out))
     for folder in sorted((out / "runs").glob("*-seed*")):
-        if folder.name in incomplete(out):
+        if folder.name in unfinished:
             continue
         setting, seed = folder.name.rsplit("-seed", 1)
         trained = json.loads((folder / "train.json").read_text())
