@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("targets", nargs="*", metavar="STAGE", help="stages to reproduce (default: evaluate)")
     pipeline.add_argument("--force", action="store_true", help="rerun the stages even if up to date")
     sweep = _command_parser(
-        sub, "sweep", "DDIM over the sweep section's steps x eta, an FID per cell, through DVC (only missing cells run)"
+        sub,
+        "sweep",
+        "DDIM over the sweep section's steps x eta and its solvers over solvers x steps, an FID per cell, through DVC"
+        " (only missing cells run)",
     )
     sweep.add_argument("--force", action="store_true", help="rerun every cell")
     _other_parsers(sub)

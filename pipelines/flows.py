@@ -212,7 +212,8 @@ FLOWS: dict[str, Any] = {name: stage_flow(stage) for name, stage in STAGES.items
 
 @flow(
     name="ddim-sweep",
-    description="The DDIM sweep through DVC: only missing or changed cells run, then the table.",
+    description="The sweep through DVC (DDIM over steps x eta, the ODE solvers over solver x steps): only missing"
+    " or changed cells run, then the table.",
     flow_run_name=run_name,
 )
 def sweep_flow(force: bool = False, overrides: list[str] | None = None, params_file: str = "params.yaml") -> dict:

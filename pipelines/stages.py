@@ -18,11 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import evaluate, interpolate, prepare, reconstruct, reference, sample, sweep, sweep_table, train
+from tasks import (
+    evaluate,
+    interpolate,
+    prepare,
+    reconstruct,
+    reference,
+    sample,
+    sweep,
+    sweep_solver,
+    sweep_table,
+    train,
+)
 from tasks.common.config import Params
 from tasks.common.dataset import dataset_dir
 from tasks.common.fid import reference_path
-from tasks.common.grid import cell_name, number
+from tasks.common.grid import cell_name, number, solver_cell_name
+from tasks.common.tracking import evaluation_name
 from tasks.prepare import cifar10_download
 
 
@@ -107,7 +119,7 @@ FID_KEYS = [
 
 def sweep_rows(cells: list[dict[str, Any]]) -> Artifact:
     rows = [{k: v for k, v in cell.items() if k in sweep_table.COLUMNS} for cell in cells]
-    return Artifact(table=rows, description="DDIM sweep: FID per steps x eta")
+    return Artifact(table=rows, description="Sweep: FID per sampler and steps")
 
 
 STAGES: dict[str, Stage] = {
@@ -173,6 +185,21 @@ STAGES: dict[str, Stage] = {
             ranks="sweep",
             options=(Option("steps", int, "DDIM steps"), Option("eta", number, "eta")),
             dvc_name="sweep",
+        ),
+        Stage(
+            "sweep-solver-cell",
+            sweep_solver.run,
+            "one ODE solver cell of the sweep (a DVC stage of `ddim sweep`)",
+            locks=lambda p, solver, steps: Path(p.paths.sweep) / f"cell-{solver_cell_name(solver, steps)}",
+            task="sweep-solver-cell",
+            artifact="sweep-solver-cell",
+            publish=lambda r, p: Artifact(summary(f"Sweep cell {evaluation_name(r)}", r)),
+            ranks="sweep",
+            options=(
+                Option("solver", str, "dpm-solver++-order<1-3> or unipc-<bh1|bh2>-order<1-3>"),
+                Option("steps", int, "steps"),
+            ),
+            dvc_name="sweep-solver",
         ),
         Stage(
             "sweep-table",

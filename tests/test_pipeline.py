@@ -56,7 +56,7 @@ MICRO = {
     },
     "sample": {"num_samples": 8, "batch_size": 8, "steps": 3},
     "evaluate": {"reference_count": 16, "batch_size": 16},
-    "sweep": {"steps": [2], "eta": [0.0], "num_samples": 4, "batch_size": 4},
+    "sweep": {"steps": [2], "eta": [0.0], "solvers": ["dpm-solver++-order2"], "num_samples": 4, "batch_size": 4},
     "latent": {"num_images": 4, "steps": [2, 4], "pairs": 2, "frames": 3, "interpolate_steps": 2},
 }
 
@@ -254,20 +254,27 @@ def test_what_cannot_change_a_result_reruns_nothing_downstream(served_repo):
 
 
 def test_ddim_sweep_runs_one_stage_per_cell_and_only_new_cells_later(served_repo):
+    """Two samplers through DVC: DDIM's cell and DPM-Solver++'s, then only the cells a new step count and a new
+    solver add."""
     path, env = served_repo
     out = run([str(BIN / "ddim"), "sweep"], path, env)
-    assert [s for s in ran_stages(out.stdout + out.stderr) if s.startswith("sweep")] == [
-        "sweep@2-0.0",
-        "sweep-table",
-    ]
-    table = (path / "results" / "sweep" / "table.csv").read_text().splitlines()
-    assert table[0].startswith("steps,eta,spacing,nfe,fid") and len(table) == 2
-    assert json.loads(out.stdout.splitlines()[-1])["cells"] == 1
-
-    out = run([str(BIN / "ddim"), "sweep", "--set", "sweep.steps=[2,3]"], path, env)
     ran = [s for s in ran_stages(out.stdout + out.stderr) if s.startswith("sweep")]
-    assert ran == ["sweep@3-0.0", "sweep-table"], "the cell already there is up to date"
-    assert len((path / "results" / "sweep" / "table.csv").read_text().splitlines()) == 3
+    assert sorted(ran[:-1]) == ["sweep-solver@dpm-solver++-order2-2", "sweep@2-0.0"] and ran[-1] == "sweep-table"
+    table = (path / "results" / "sweep" / "table.csv").read_text().splitlines()
+    assert table[0].startswith("sampler,steps,eta,order,variant,spacing,nfe,fid") and len(table) == 3
+    assert [row.split(",")[:5] for row in table[1:]] == [
+        ["ddim", "2", "0.0", "", ""],
+        ["dpm-solver++", "2", "", "2", ""],
+    ]
+    assert json.loads(out.stdout.splitlines()[-1])["cells"] == 2
+
+    grid = ["--set", "sweep.steps=[2,3]", "--set", "sweep.solvers=[dpm-solver++-order2,unipc-bh2-order2]"]
+    out = run([str(BIN / "ddim"), "sweep", *grid], path, env)
+    ran = [s for s in ran_stages(out.stdout + out.stderr) if s.startswith("sweep")]
+    new = ["sweep-solver@dpm-solver++-order2-3", "sweep-solver@unipc-bh2-order2-2", "sweep-solver@unipc-bh2-order2-3"]
+    assert sorted(ran[:-1]) == sorted([*new, "sweep@3-0.0"]), "the cells already there are up to date"
+    table = (path / "results" / "sweep" / "table.csv").read_text().splitlines()
+    assert len(table) == 7 and sum(row.startswith("unipc,") for row in table) == 2
 
 
 def test_ddim_reconstruct_and_interpolate_are_dvc_stages(served_repo):

@@ -19,9 +19,10 @@ from helpers import read_images
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tasks import reference, sweep, sweep_table
-from tasks.common.config import load_params
+from tasks import reference, sweep, sweep_solver, sweep_table
+from tasks.common.config import ConfigError, load_params
 from tasks.common.fid import FeatureStats, fid_between, statistics
+from tasks.common.grid import SweepError, solver_settings
 from tasks.sweep_table import PAPER_FID, paper_fid
 
 BIN = Path(sys.executable).parent
@@ -76,11 +77,47 @@ def test_a_cells_fid_is_the_fid_of_its_images_as_png_files(trained, tmp_path):
     assert run.data.metrics["seconds"] == cell["seconds"] > 0
 
 
+@pytest.mark.slow  # Inception on the CPU
+def test_a_solver_cell_scores_the_images_the_sample_stage_draws_with_that_solver(trained, tmp_path):
+    params_file = with_sweep(trained, tmp_path, images=True, solvers=["unipc-bh1-order3"])
+    params = load_params(params_file)
+    reference.run(params)
+    cell = sweep_solver.run(params, solver="unipc-bh1-order3", steps=4)
+    written = json.loads((tmp_path / "sweep" / "cells" / "unipc-bh1-order3-steps4.json").read_text())
+    assert written == {k: cell[k] for k in written} and "eta" not in written, "DDIM's eta is no setting of UniPC"
+    assert (written["sampler"], written["order"], written["variant"], written["nfe"]) == ("unipc", 3, "bh1", 4)
+
+    from tasks import sample
+
+    samples = tmp_path / "samples"
+    sets = ["sample.sampler=unipc", "sample.order=3", "sample.variant=bh1", "sample.steps=4", "sample.spacing=quad"]
+    sample.run(load_params(params_file, [*sets, "sample.num_samples=10", f"paths.samples={samples}"]))
+    pngs = sorted((tmp_path / "sweep" / "cells" / "unipc-bh1-order3-steps4").glob("*.png"))
+    np.testing.assert_array_equal(read_images(samples, 10), np.stack([np.asarray(Image.open(p)) for p in pngs]))
+    run = MlflowClient(tracking_uri=params.tracking.uri).get_run(cell["mlflow_run_id"])
+    assert run.info.run_name == "unipc-bh1-order3-4steps-quad" and run.data.params["sample.variant"] == "bh1"
+    assert "sample.eta" not in run.data.params and run.data.metrics["fid"] == pytest.approx(cell["fid"])
+
+
+@pytest.mark.parametrize(
+    "solver", ["ddim", "dpm-solver++-order4", "dpm-solver++-bh2-order2", "unipc-order2", "unipc-bh3-order1", ""]
+)
+def test_a_solver_names_its_sampler_and_order_or_is_refused_with_the_forms_it_can_take(tmp_path, solver):
+    assert solver_settings("dpm-solver++-order3") == {"sampler": "dpm-solver++", "order": 3}
+    assert solver_settings("unipc-bh1-order1") == {"sampler": "unipc", "order": 1, "variant": "bh1"}
+    with pytest.raises(SweepError, match=r"write dpm-solver\+\+-order<1-3> or unipc-<bh1\|bh2>-order<1-3>"):
+        solver_settings(solver)
+    (tmp_path / "params.yaml").write_text("{}")
+    with pytest.raises(ConfigError, match=r"sweep\.solvers: .*write dpm-solver"):
+        load_params(tmp_path / "params.yaml", [f"sweep.solvers=[unipc-bh2-order2,{solver or 'x'}]"])
+    with pytest.raises(ConfigError, match="distinct"):
+        load_params(tmp_path / "params.yaml", ["sweep.solvers=[unipc-bh2-order2,unipc-bh2-order2]"])
+
+
 def test_the_table_reads_the_current_grid_and_puts_ddims_table_beside_it(tmp_path):
     params_file = tmp_path / "params.yaml"
-    params_file.write_text(
-        yaml.safe_dump({"paths": {"sweep": str(tmp_path / "sweep")}, "sweep": {"steps": [10, 100], "eta": [0.0, 1.0]}})
-    )
+    grid = {"steps": [10, 100], "eta": [0.0, 1.0], "solvers": ["unipc-bh2-order3"]}
+    params_file.write_text(yaml.safe_dump({"paths": {"sweep": str(tmp_path / "sweep")}, "sweep": grid}))
     params = load_params(params_file)
     cells = tmp_path / "sweep" / "cells"
     cells.mkdir(parents=True)
@@ -94,17 +131,28 @@ def test_the_table_reads_the_current_grid_and_puts_ddims_table_beside_it(tmp_pat
             "fid": fid,
             "num_samples": 50_000,
         }
-        (cells / f"steps{steps}-eta{eta}.json").write_text(json.dumps(cell))
+        (cells / f"steps{steps}-eta{eta}.json").write_text(json.dumps(cell))  # as cells before the solvers were
+    for steps, fid in [(10, 5.0), (100, 4.0)]:
+        cell = {"sampler": "unipc", "steps": steps, "spacing": "quad", "order": 3, "variant": "bh2", "fid": fid}
+        (cells / f"unipc-bh2-order3-steps{steps}.json").write_text(json.dumps({**cell, "nfe": 96, "num_samples": 1}))
+    (cells / "dpm-solver++-order2-steps10.json").write_text("{}")  # a solver no longer in the grid
     result = sweep_table.run(params)
-    assert [(c["steps"], c["eta"]) for c in result["cells"]] == [(10, 0.0), (10, 1.0), (100, 0.0), (100, 1.0)], (
-        "not the stale 20-step cell"
-    )
-    by_cell = {(c["steps"], c["eta"]): c for c in result["cells"]}
+    assert [(c["sampler"], c["steps"], c.get("eta")) for c in result["cells"]] == [
+        ("ddim", 10, 0.0),
+        ("ddim", 10, 1.0),
+        ("ddim", 100, 0.0),
+        ("ddim", 100, 1.0),
+        ("unipc", 10, None),
+        ("unipc", 100, None),
+    ], "not the stale 20-step cell, nor the solver left out"
+    by_cell = {(c["steps"], c.get("eta")): c for c in result["cells"]}
     assert by_cell[(100, 0.0)]["paper_fid"] == 4.16 and by_cell[(100, 0.0)]["difference"] == pytest.approx(0.34)
     assert (tmp_path / "sweep" / "table.csv").read_text().splitlines()[
         0
-    ] == "steps,eta,spacing,nfe,fid,paper_fid,difference,num_samples"
-    assert "| 100 | 0.00 | quad | 96 | 4.50 | 4.16 | 0.34 | 50000 |" in (tmp_path / "sweep" / "table.md").read_text()
+    ] == "sampler,steps,eta,order,variant,spacing,nfe,fid,paper_fid,difference,num_samples"
+    markdown = (tmp_path / "sweep" / "table.md").read_text()
+    assert "| ddim | 100 | 0.00 |  |  | quad | 96 | 4.50 | 4.16 | 0.34 | 50000 |" in markdown
+    assert "| unipc | 100 |  | 3 | bh2 | quad | 96 | 4.00 |  |  | 1 |" in markdown, "no paper reports this cell"
     assert (tmp_path / "sweep" / "fid_vs_nfe.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -190,3 +238,27 @@ def test_dvc_and_the_cells_name_a_cell_the_same_way_whatever_the_yaml_literal(tm
     assert by_dvc == by_code == from_params
     overridden = load_params(tmp_path / "params.yaml", ["sweep.eta=[0,0.5]"]).sweep.eta
     assert overridden == [0, 0.5] and type(overridden[0]) is int
+
+
+@pytest.mark.parametrize("solvers", ["[dpm-solver++-order2, unipc-bh2-order3]", "[]"])
+def test_dvc_and_the_solver_cells_name_a_cell_the_same_way(tmp_path, solvers):
+    from dvc.repo import Repo
+
+    from tasks.common.grid import solver_cell_path
+
+    root = Path(__file__).resolve().parents[1]
+    text, count = re.subn(r"(?m)^  solvers: \[[^\]]*\]", f"  solvers: {solvers}", (root / "params.yaml").read_text())
+    assert count == 1
+    (tmp_path / "params.yaml").write_text(text)
+    (tmp_path / "dvc.yaml").write_text((root / "dvc.yaml").read_text())
+    Repo.init(str(tmp_path), no_scm=True)
+    with contextlib.chdir(tmp_path):
+        params = load_params("params.yaml")
+        stages = [s for s in Repo(".").index.stages if s.name.startswith("sweep-solver@")]
+        by_dvc = {str(s.outs[0].def_path): s.cmd.split()[-4:] for s in stages}
+        by_code = {
+            str(solver_cell_path(params, v, n)): ["--solver", v, "--steps", str(n)]
+            for v in params.sweep.solvers
+            for n in params.sweep.steps
+        }
+    assert by_dvc == by_code and len(by_code) == len(params.sweep.solvers) * len(params.sweep.steps)

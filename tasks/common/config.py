@@ -47,11 +47,24 @@ class ConfigError(UserError):
 
 
 # The stages of dvc.yaml, in its order.
-STAGES = ("prepare", "reference", "train", "sample", "evaluate", "sweep", "sweep-table", "reconstruct", "interpolate")
+STAGES = (
+    "prepare",
+    "reference",
+    "train",
+    "sample",
+    "evaluate",
+    "sweep",
+    "sweep-solver",
+    "sweep-table",
+    "reconstruct",
+    "interpolate",
+)
+# The sweep's cells: DDIM's steps x eta, and the ODE solvers' solver x steps.
+SWEEP_CELLS = ("sweep", "sweep-solver")
 # The stages that run the diffusion process: training, and every stage that runs the trained network.
-MODEL_STAGES = ("train", "sample", "sweep", "reconstruct", "interpolate")
+MODEL_STAGES = ("train", "sample", *SWEEP_CELLS, "reconstruct", "interpolate")
 # The stages that run the trained network (with the sample section's precision and compile).
-INFERENCE_STAGES = ("sample", "sweep", "reconstruct", "interpolate")
+INFERENCE_STAGES = ("sample", *SWEEP_CELLS, "reconstruct", "interpolate")
 Sampler = Literal["ddim", "dpm-solver++", "unipc", "adaptive"]
 #: The settings that apply to each sampler (the others are blank in its records and tables).
 SAMPLER_SETTINGS = {
@@ -61,6 +74,8 @@ SAMPLER_SETTINGS = {
     "adaptive": ("base_step_size", "eta"),
 }
 SETTING_KEYS = ("sampler", "steps", "spacing", "eta", "order", "variant", "base_step_size")
+#: A sweep solver, ``dpm-solver++-order2`` or ``unipc-bh2-order3``: groups sampler, variant (UniPC's), order.
+SOLVER_SPEC = r"(dpm-solver\+\+(?=-order)|unipc(?=-bh))(?:-(bh1|bh2))?-order([1-3])"
 
 
 def result(default: Any, description: str, *, stages: str | tuple[str, ...], **constraints: Any) -> Any:
@@ -286,8 +301,10 @@ class SampleConfig(Section):
     )
     order: int = result(2, "dpm-solver++, unipc: the solver's order (1-3)", stages="sample", ge=1, le=3)
     variant: Literal["bh1", "bh2"] = result("bh2", "unipc: bh1 | bh2 (the B(h) of Zhao et al.)", stages="sample")
-    clip_x0: bool = result(True, "clamp each x0 prediction to [-1, 1]", stages=("sample", "sweep"))
-    seed: int = result(0, "image i's noise comes from (seed, i), whatever the batch size", stages=("sample", "sweep"))
+    clip_x0: bool = result(True, "clamp each x0 prediction to [-1, 1]", stages=("sample", *SWEEP_CELLS))
+    seed: int = result(
+        0, "image i's noise comes from (seed, i), whatever the batch size", stages=("sample", *SWEEP_CELLS)
+    )
     base_step_size: float = result(
         2.0, "adaptive: stride = clamp(base / complexity(x0), min, max)", stages="sample", gt=0
     )
@@ -318,26 +335,32 @@ class SampleConfig(Section):
 
 
 class SweepConfig(Section):
-    """The ``sweep`` section: DDIM over steps x eta from model.pt, one FID per cell (``ddim sweep``; not part of
-    ``make demo``). Seed, clip_x0, precision and device are the sample section's."""
+    """The ``sweep`` section: DDIM over steps x eta and the ODE solvers over solver x steps from model.pt, one
+    FID per cell (``ddim sweep``; not part of ``make demo``). Seed, clip_x0, precision and device are the sample
+    section's."""
 
-    # A sweep cell's own steps and eta are in its command (dvc.yaml's matrix), not its params, so a new value in
-    # the grid adds cells and reruns no other.
+    # A sweep cell's own steps, eta and solver are in its command (dvc.yaml's matrices), not its params, so a new
+    # value in the grid adds cells and reruns no other.
     steps: list[int] = result(
-        [10, 20, 50, 100], "DDIM steps, one cell per value and eta", stages="sweep-table", min_length=1
+        [10, 20, 50, 100], "steps, one cell per value and eta or solver", stages="sweep-table", min_length=1
     )
     # int | float keeps the literal as written (0 stays 0, 0.0 stays 0.0): DVC names a cell's output by the value
     # as YAML wrote it (`eta0` for `0`), and so must the cell (tasks.sweep.cell_name).
     eta: list[int | float] = result(
-        [0.0, 0.2, 0.5, 1.0], "eta, one cell per value and steps", stages="sweep-table", min_length=1
+        [0.0, 0.2, 0.5, 1.0], "DDIM's eta, one cell per value and steps", stages="sweep-table", min_length=1
+    )
+    solvers: list[str] = result(
+        ["dpm-solver++-order2", "unipc-bh2-order2"],
+        "dpm-solver++-order<1-3> | unipc-<bh1|bh2>-order<1-3>, one cell per solver and steps",
+        stages="sweep-table",
     )
     spacing: Spacing = result(
-        "quad", "uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing", stages=("sweep", "sweep-table")
+        "quad", "uniform | quad (DDIM's CIFAR-10 table) | linspace | trailing", stages=(*SWEEP_CELLS, "sweep-table")
     )
     num_samples: int = result(
-        50_000, "images per cell, all of them scored (no floor division)", stages=("sweep", "sweep-table"), ge=2
+        50_000, "images per cell, all of them scored (no floor division)", stages=(*SWEEP_CELLS, "sweep-table"), ge=2
     )
-    batch_size: int = runtime(500, "images per sampler call (DDIM's images do not depend on it)", ge=1)
+    batch_size: int = runtime(500, "images per sampler call (the images do not depend on it)", ge=1)
     images: bool = runtime(False, "also keep each cell's images as PNGs in cells/<cell>/ (FID never needs them)")
     nproc_per_node: int = runtime(1, "> 1: each cell runs under torchrun with this many processes", ge=1)
 
@@ -348,6 +371,15 @@ class SweepConfig(Section):
             raise ValueError(f"values must be distinct, got {v}")
         if any(x < 0 for x in v):
             raise ValueError(f"values must not be negative, got {v}")
+        return v
+
+    @field_validator("solvers")
+    @classmethod
+    def _known_solvers(cls, v: list[str]) -> list[str]:
+        if bad := [s for s in v if not re.fullmatch(SOLVER_SPEC, s)]:
+            raise ValueError(f"write dpm-solver++-order<1-3> or unipc-<bh1|bh2>-order<1-3>, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"values must be distinct, got {v}")
         return v
 
 

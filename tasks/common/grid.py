@@ -1,12 +1,14 @@
-"""The grid of the sweep: each cell's name and file, shared by the sweep's cells (``tasks/sweep.py``) and its
-table (``tasks/sweep_table.py``)."""
+"""The grid of the sweep: each cell's name and file, shared by the sweep's cells (``tasks/sweep.py`` for DDIM's
+steps x eta, ``tasks/sweep_solver.py`` for the ODE solvers' solver x steps) and its table
+(``tasks/sweep_table.py``)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
-from tasks.common.config import Params
+from tasks.common.config import SOLVER_SPEC, Params
 from tasks.common.errors import UserError
 
 
@@ -27,3 +29,22 @@ def number(text: str) -> int | float:
 
 def cell_path(params: Params, steps: int, eta: float) -> Path:
     return Path(params.paths.sweep) / "cells" / f"{cell_name(steps, eta)}.json"
+
+
+def solver_settings(solver: str) -> dict[str, Any]:
+    """``unipc-bh2-order2`` -> ``{"sampler": "unipc", "order": 2, "variant": "bh2"}``; ``dpm-solver++-order3``
+    -> ``{"sampler": "dpm-solver++", "order": 3}``: the sample section's keys a solver sets."""
+    match = re.fullmatch(SOLVER_SPEC, solver)
+    if match is None:
+        raise SweepError(f"solver {solver!r}: write dpm-solver++-order<1-3> or unipc-<bh1|bh2>-order<1-3>")
+    sampler, variant, order = match.groups()
+    return {"sampler": sampler, "order": int(order), **({"variant": variant} if variant else {})}
+
+
+def solver_cell_name(solver: str, steps: int) -> str:
+    """``unipc-bh2-order2-steps10``: as dvc.yaml names the cell's output (``${item.solver}-steps${item.steps}``)."""
+    return f"{solver}-steps{steps}"
+
+
+def solver_cell_path(params: Params, solver: str, steps: int) -> Path:
+    return Path(params.paths.sweep) / "cells" / f"{solver_cell_name(solver, steps)}.json"
