@@ -21,7 +21,8 @@ Each trained model (its EMA weights, as ``model.pt`` holds them) is then measure
 - the FID of 500 images against the demo's 1,000-image reference (biased at this count: compare only here) for
   ``ddim-50`` (the demo's sampler: DDIM, 50 quad steps, eta 1), for the design's adaptive sampler at each
   ``--adaptive`` base step size (eta 1, min_step 5, max_step 100), and for DDIM at the adaptive sampler's
-  mean NFE on that model (``ddim-matched-B``: the quad step count whose NFE is nearest).
+  mean NFE on that model (``ddim-matched-B``: the quad step count whose NFE is nearest), and for each ODE
+  solver of ``--solvers`` (the sweep's names: ``dpm-solver++-order2``, ...) at 20 quad steps.
 
 Tables: per setting, mean and 95% t-interval over seeds, and the paired difference to ``plain`` seed by seed
 (``tasks.common.compare``: what ``ddim runs --group-by`` prints); and per adaptive budget, the adaptive sampler's
@@ -63,12 +64,14 @@ from models.diffusion import ddim_timesteps, q_sample  # noqa: E402
 from tasks.common.compare import format_groups, group_runs, interval  # noqa: E402
 from tasks.common.config import Params, apply_overrides, profile_params, validate_params  # noqa: E402
 from tasks.common.files import markdown_table, write_json  # noqa: E402
+from tasks.common.grid import solver_cell_name, solver_settings  # noqa: E402
 
 SETTINGS = {
     "plain": {"lambda_reg": 0.0, "complexity_mode": "scaled"},
     "scaled": {"lambda_reg": 0.1, "complexity_mode": "scaled"},
     "design": {"lambda_reg": 0.1, "complexity_mode": "design"},
 }
+SOLVER_STEPS = 20  # each --solvers cell: NFE 20 (quad keeps every timestep at 20 steps)
 HELDOUT_DATA_SEED = 1  # the held-out shapes: the demo trains on data.seed 0
 HELDOUT_DRAW_SEED = 0  # their t and noise
 LOSS_METRICS = ("heldout_mse", "final_mse", "final_loss", "fid")
@@ -160,19 +163,19 @@ def score_cell(params: Params, update: dict[str, Any]) -> dict[str, Any]:
     from tasks.common.devices import pick_device
     from tasks.common.distributed import Ranks
     from tasks.common.fid import frechet_distance, load_stats, reference_path
-    from tasks.sweep import sample_and_score
+    from tasks.common.scoring import sample_and_score
 
     cfg = params.sample.model_copy(update=update)
     mu_ref, sigma_ref, ref_count = load_stats(reference_path(params))
     start = time.perf_counter()
     stats, nfe = sample_and_score(params, cfg, Ranks(0, 0, 1), pick_device(cfg.device, 0), None)
     mu, sigma = stats.mean_and_covariance()
-    adaptive = cfg.sampler == "adaptive"
+    settings = cfg.settings()  # the sampler's own settings; None where one does not apply to it
     return {
         "sampler": cfg.sampler,
-        "steps": None if adaptive else cfg.steps,
-        "base_step": cfg.base_step_size if adaptive else None,
-        **{key: getattr(cfg, key) for key in ("eta", "spacing")},
+        "steps": settings["steps"],
+        "base_step": settings["base_step_size"],
+        **{key: settings[key] for key in ("eta", "spacing", "order", "variant")},
         "nfe": nfe / stats.count,
         "fid": frechet_distance(mu, sigma, mu_ref, sigma_ref),
         "num_samples": stats.count,
@@ -200,7 +203,7 @@ def train_once(params: Params) -> dict[str, Any]:
     return {**final, "seconds": round(time.perf_counter() - start, 1), "resumed_from": resumed_from}
 
 
-def run_one(out: Path, size: Size, setting: str, seed: int, adaptive: list[float]) -> None:
+def run_one(out: Path, size: Size, setting: str, seed: int, adaptive: list[float], solvers: list[str]) -> None:
     """Everything one (setting, seed) run measures; each part skipped where its file is already there."""
     params = study_params(out, size, setting, seed)
     folder = out / "runs" / run_name(setting, seed)
@@ -214,12 +217,15 @@ def run_one(out: Path, size: Size, setting: str, seed: int, adaptive: list[float
         steps = matched_steps(nfe, params.diffusion.num_train_steps, params.sample.spacing)
         update = {"sampler": "ddim", "steps": steps}
         cached(cells / f"ddim-matched-{base:g}.json", lambda u=update: score_cell(params, u))
+    for solver in solvers:  # deterministic: eta does not apply
+        update = {**solver_settings(solver), "steps": SOLVER_STEPS}
+        cached(cells / f"{solver_cell_name(solver, SOLVER_STEPS)}.json", lambda u=update: score_cell(params, u))
 
 
 def worker_command(args: argparse.Namespace, setting: str, seed: int) -> list[str]:
     adaptive = [f"{b:g}" for b in args.adaptive]
     run = ["--worker", setting, str(seed), "--out", str(args.out), "--size", args.size]
-    return [sys.executable, str(Path(__file__).resolve()), *run, "--adaptive", *adaptive]
+    return [sys.executable, str(Path(__file__).resolve()), *run, "--adaptive", *adaptive, "--solvers", *args.solvers]
 
 
 def die_with_parent() -> None:
@@ -418,6 +424,12 @@ def main(argv: list[str] | None = None) -> None:
         help="the adaptive sampler's base step sizes (none: no adaptive cells)",
     )
     parser.add_argument(
+        "--solvers",
+        nargs="*",
+        default=["dpm-solver++-order2"],
+        help=f"ODE solvers of the sweep's form, each a cell at {SOLVER_STEPS} steps (none: no solver cells)",
+    )
+    parser.add_argument(
         "--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), help="the settings to run"
     )
     parser.add_argument("--report", action="store_true", help="only the tables, from what --out holds")
@@ -426,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out.resolve()
     if args.worker:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-        return run_one(args.out, SIZES[args.size], args.worker[0], int(args.worker[1]), args.adaptive)
+        return run_one(args.out, SIZES[args.size], args.worker[0], int(args.worker[1]), args.adaptive, args.solvers)
     if not args.report:
         study(args)
     print(report(args.out))
@@ -435,7 +447,8 @@ def main(argv: list[str] | None = None) -> None:
 def fingerprint(out: Path, size: Size) -> str:
     """What every run's params share (the demo profile with this size, the held-out set), hashed: a study
     folder resumes only the study it was started with."""
-    params = study_params(out, size, "plain", 0).model_dump(mode="json", exclude={"paths"})
+    # The sections no run reads are left out, so that a new sweep or latent key keeps a study resumable.
+    params = study_params(out, size, "plain", 0).model_dump(mode="json", exclude={"paths", "sweep", "latent"})
     what = {"params": params, "settings": SETTINGS, "heldout": [HELDOUT_DATA_SEED, HELDOUT_DRAW_SEED, size.heldout]}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 

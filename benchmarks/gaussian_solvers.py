@@ -1,7 +1,7 @@
 """Every sampler against the exact answer: Gaussian data, where the optimal eps-model and the probability-flow
 ODE are closed forms. A markdown table + JSON; no GPU, about a minute on 2 cores.
 
-    python benchmarks/gaussian_solvers.py [--grid vp|ddpm] [--scale 0.5] [--samples 64] [--json out.json]
+    python benchmarks/gaussian_solvers.py [--grid vp|ddpm] [--spacing linspace] [--scale 0.5] [--samples 64]
 
 Data x_0 ~ N(0, s^2 I) (s = ``--scale``; images of 3 x 16 x 16, float64). With ``std_t = sqrt(a_t s^2 + 1 - a_t)``:
 
@@ -18,9 +18,10 @@ Grids (``--grid``):
   ``a(t) = exp(-0.1 t - 9.95 t^2)``) on 1,000,000 timesteps from t = 1e-3 (index 0; DDPM's t = 0) to t = 1, and
   NFE timesteps uniform in log-SNR (DPM-Solver's spacing for this case), rounded to the grid: the steps shrink
   evenly, so each solver shows its convergence order.
-- ``ddpm``: DDPM's discrete schedule (T = 1000) and ``ddim_timesteps(1000, NFE, "linspace")``, 999 down to 0:
-  what a user runs. The last steps, from t ~ 1000 / NFE to 0, stay long in log-SNR however many steps there
-  are, and the multistep solvers' orders do not show.
+- ``ddpm``: DDPM's discrete schedule (T = 1000) and ``ddim_timesteps(1000, NFE, --spacing)`` (default
+  ``linspace``, 999 down to 0; ``quad`` is the sweep's): what a user runs. With linspace the last steps, from
+  t ~ 1000 / NFE to 0, stay long in log-SNR however many steps there are, and the multistep solvers' orders do
+  not show.
 
 Each row: the mean squared distance to the reference at NFE 5, 10, 20, 50, 100, and the fitted convergence
 order, minus the slope of log RMS error against log NFE over NFE 20..100. The design's adaptive sampler (eta 0,
@@ -70,8 +71,8 @@ def vp_grid() -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
     return alphas_cumprod, timesteps
 
 
-def ddpm_grid() -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
-    return alphas_cumprod_from_betas(make_beta_schedule("linear", 1000)), lambda n: ddim_timesteps(1000, n, "linspace")
+def ddpm_grid(spacing: str = "linspace") -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+    return alphas_cumprod_from_betas(make_beta_schedule("linear", 1000)), lambda n: ddim_timesteps(1000, n, spacing)
 
 
 def std(a: torch.Tensor | float, scale: float) -> torch.Tensor | float:
@@ -135,8 +136,8 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean())
 
 
-def measure(grid: str, scale: float, samples: int) -> dict:
-    alphas_cumprod, ts = vp_grid() if grid == "vp" else ddpm_grid()
+def measure(grid: str, scale: float, samples: int, spacing: str = "linspace") -> dict:
+    alphas_cumprod, ts = vp_grid() if grid == "vp" else ddpm_grid(spacing)
     eps = optimal_eps(alphas_cumprod, scale)
     x_T = torch.randn(samples, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x_T = x_T * std(float(alphas_cumprod[-1]), scale)  # drawn from the marginal at the first timestep
@@ -149,7 +150,8 @@ def measure(grid: str, scale: float, samples: int) -> dict:
     errors = {n: mse(runs[n][0], x0_ref) for n in NFES}
     rows.append({"sampler": "adaptive (design)", "mse": errors, "nfe": {n: runs[n][1] for n in NFES}})
     rows[-1]["order"] = fitted_order(errors, rows[-1]["nfe"])
-    return {"grid": grid, "scale": scale, "samples": samples, "floor_mse": mse(x0_ref, ode_end), "rows": rows}
+    name = grid if grid == "vp" else f"{grid}, {spacing} spacing"
+    return {"grid": name, "scale": scale, "samples": samples, "floor_mse": mse(x0_ref, ode_end), "rows": rows}
 
 
 def table(report: dict) -> str:
@@ -167,11 +169,12 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=("vp", "ddpm"), default="vp", help="the schedule and spacing (see above)")
+    parser.add_argument("--spacing", choices=("linspace", "quad", "trailing", "uniform"), default="linspace")
     parser.add_argument("--scale", type=float, default=0.5, help="the data's standard deviation s")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    report = measure(args.grid, args.scale, args.samples)
+    report = measure(args.grid, args.scale, args.samples, args.spacing)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     print(

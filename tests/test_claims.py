@@ -98,7 +98,7 @@ def test_the_curve_table_groups_a_matched_cell_over_its_models_steps():
 def test_a_micro_study_runs_resumes_and_adds_only_the_cells_it_lacks(tmp_path, capsys):
     out = tmp_path / "claims"
     common = ["--size", "tiny", "--out", str(out), "--jobs", "2"]
-    claims.main([*common, "--settings", "plain", "scaled", "--seeds", "2", "--adaptive"])
+    claims.main([*common, "--settings", "plain", "scaled", "--seeds", "2", "--adaptive", "--solvers"])
     text = (out / "claims.md").read_text()
     assert "4 runs (plain: 2, scaled: 2, design: 0)" in text and text in capsys.readouterr().out
     rows = pd.read_csv(out / "rows.csv")
@@ -108,13 +108,16 @@ def test_a_micro_study_runs_resumes_and_adds_only_the_cells_it_lacks(tmp_path, c
     first = out / "runs" / "plain-seed0"
     kept = {p: p.stat().st_mtime_ns for p in [first / "train.json", first / "heldout.json", *first.glob("cells/*")]}
 
-    claims.main([*common, "--settings", "plain", "--seeds", "1", "--adaptive", "6"])  # two more cells, one run
+    claims.main([*common, "--settings", "plain", "--seeds", "1", "--adaptive", "6"])  # three more cells, one run
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert sorted(p.name for p in (first / "cells").glob("*")) == [
         "adaptive-6.json",
         "ddim-5.json",
         "ddim-matched-6.json",
+        "dpm-solver++-order2-steps20.json",
     ]
+    solver = json.loads((first / "cells" / "dpm-solver++-order2-steps20.json").read_text())
+    assert (solver["sampler"], solver["order"], solver["nfe"], solver["eta"]) == ("dpm-solver++", 2, 20, None)
     assert not (out / "runs" / "plain-seed1" / "cells" / "adaptive-6.json").exists()
     matched = json.loads((first / "cells" / "ddim-matched-6.json").read_text())
     adaptive = json.loads((first / "cells" / "adaptive-6.json").read_text())

@@ -36,19 +36,20 @@ def cell_config(params: Params, **sampler: Any) -> SampleConfig:
 
 def sample_and_score(
     params: Params, cfg: SampleConfig, ranks: Ranks, device: torch.device, images: Path | None
-) -> FeatureStats:
+) -> tuple[FeatureStats, int]:
     """Draw this process's share of the cell's images and merge their Inception features into statistics
-    (``images``: write the images there as PNGs too)."""
+    (``images``: write the images there as PNGs too); also the model evaluations those images took."""
     net = load_inference(params, device)  # the cell's precision and device are the sample section's
-    inception, stats = load_inception(device), FeatureStats(device=device)
+    inception, stats, nfe = load_inception(device), FeatureStats(device=device), 0
     for indices in batches(ranks.share(cfg.num_samples), cfg.batch_size):
-        x0, _ = net.sample(cfg, indices)
+        x0, evaluations = net.sample(cfg, indices)
+        nfe += int(evaluations.sum())
         u8 = to_uint8(x0)  # exactly what a PNG of the image would hold
         stats.add(batch_features(inception, torch.from_numpy(u8).permute(0, 3, 1, 2).float().div_(255.0)))
         if images is not None:
             for i, img in zip(indices, u8, strict=True):
                 save_png(img, images / f"{i:06d}.png")
-    return stats
+    return stats, nfe
 
 
 def score_cell(params: Params, cfg: SampleConfig, path: Path) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def score_cell(params: Params, cfg: SampleConfig, path: Path) -> dict[str, Any]:
     try:
         mu_ref, sigma_ref, ref_count = load_stats(reference_path(params))
         start = time.perf_counter()
-        stats = sample_and_score(params, cfg, ranks, device, path.with_suffix("") if params.sweep.images else None)
+        stats, _ = sample_and_score(params, cfg, ranks, device, path.with_suffix("") if params.sweep.images else None)
         stats.reduce()
         seconds = time.perf_counter() - start
     finally:
