@@ -22,7 +22,7 @@ from PIL import Image
 from tasks import reference, sweep, sweep_solver, sweep_table
 from tasks.common.config import ConfigError, load_params
 from tasks.common.fid import FeatureStats, fid_between, statistics
-from tasks.common.grid import SweepError, solver_settings
+from tasks.common.grid import SweepError, solver_cell_name, solver_settings
 from tasks.sweep_table import PAPER_FID, paper_fid
 
 BIN = Path(sys.executable).parent
@@ -107,6 +107,8 @@ def test_a_solver_names_its_sampler_and_order_or_is_refused_with_the_forms_it_ca
     assert solver_settings("unipc-bh1-order1") == {"sampler": "unipc", "order": 1, "variant": "bh1"}
     with pytest.raises(SweepError, match=r"write dpm-solver\+\+-order<1-3> or unipc-<bh1\|bh2>-order<1-3>"):
         solver_settings(solver)
+    with pytest.raises(SweepError):
+        solver_cell_name(solver, 3)  # no file (a cell's record or its flow's lock) is named after a bad solver
     (tmp_path / "params.yaml").write_text("{}")
     with pytest.raises(ConfigError, match=r"sweep\.solvers: .*write dpm-solver"):
         load_params(tmp_path / "params.yaml", [f"sweep.solvers=[unipc-bh2-order2,{solver or 'x'}]"])

@@ -42,7 +42,9 @@ def solver_settings(solver: str) -> dict[str, Any]:
 
 
 def solver_cell_name(solver: str, steps: int) -> str:
-    """``unipc-bh2-order2-steps10``: as dvc.yaml names the cell's output (``${item.solver}-steps${item.steps}``)."""
+    """``unipc-bh2-order2-steps10``: as dvc.yaml names the cell's output (``${item.solver}-steps${item.steps}``);
+    a malformed solver is refused here, before any file is named after it."""
+    solver_settings(solver)
     return f"{solver}-steps{steps}"
 
 
