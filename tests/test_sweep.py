@@ -213,12 +213,22 @@ def test_two_processes_draw_the_same_images_and_get_the_same_fid_as_one(trained,
     np.testing.assert_array_equal(read_images(tmp_path / "2", 10), read_images(tmp_path / "1", 10))
 
 
+def dvc_matrix(tmp_path: Path, params_text: str, prefix: str) -> tuple:
+    """The project's dvc.yaml with ``params_text`` as params.yaml in ``tmp_path``: the params, and the stages DVC
+    generates whose names start with ``prefix``."""
+    from dvc.repo import Repo
+
+    (tmp_path / "params.yaml").write_text(params_text)
+    (tmp_path / "dvc.yaml").write_text((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+    Repo.init(str(tmp_path), no_scm=True)
+    with contextlib.chdir(tmp_path):
+        return load_params("params.yaml"), [s for s in Repo(".").index.stages if s.name.startswith(prefix)]
+
+
 @pytest.mark.parametrize("literal", ["[0, 1]", "[0.0, 0.5, 1]", "[0.2, 1.0]"])
 def test_dvc_and_the_cells_name_a_cell_the_same_way_whatever_the_yaml_literal(tmp_path, literal):
     """DVC renders ``${item.eta}`` as the value YAML wrote (``0`` -> ``eta0``); the cell, given ``--eta 0`` by
     DVC's command line, and the table, reading params.yaml, must name the file the same."""
-    from dvc.repo import Repo
-
     from tasks.common.grid import cell_path, number
 
     root = Path(__file__).resolve().parents[1]
@@ -227,16 +237,11 @@ def test_dvc_and_the_cells_name_a_cell_the_same_way_whatever_the_yaml_literal(tm
     sweep = re.sub(r"(?m)^  eta: \[[^\]]*\]", f"  eta: {literal}", sweep, count=1)
     text = f"{head}\nsweep:\n{sweep}"
     assert f"  eta: {literal}" in text
-    (tmp_path / "params.yaml").write_text(text)
-    (tmp_path / "dvc.yaml").write_text((root / "dvc.yaml").read_text())
-    Repo.init(str(tmp_path), no_scm=True)
-    with contextlib.chdir(tmp_path):
-        params = load_params("params.yaml")
-        stages = [s for s in Repo(".").index.stages if s.name.startswith("sweep@")]
-        by_dvc = {str(s.outs[0].def_path) for s in stages}
-        etas = {s.cmd.split("--eta ")[1] for s in stages}
-        by_code = {str(cell_path(params, steps, number(eta))) for steps in params.sweep.steps for eta in etas}
-        from_params = {str(cell_path(params, s, e)) for s in params.sweep.steps for e in params.sweep.eta}
+    params, stages = dvc_matrix(tmp_path, text, "sweep@")
+    by_dvc = {str(s.outs[0].def_path) for s in stages}
+    etas = {s.cmd.split("--eta ")[1] for s in stages}
+    by_code = {str(cell_path(params, steps, number(eta))) for steps in params.sweep.steps for eta in etas}
+    from_params = {str(cell_path(params, s, e)) for s in params.sweep.steps for e in params.sweep.eta}
     assert by_dvc == by_code == from_params
     overridden = load_params(tmp_path / "params.yaml", ["sweep.eta=[0,0.5]"]).sweep.eta
     assert overridden == [0, 0.5] and type(overridden[0]) is int
@@ -244,23 +249,16 @@ def test_dvc_and_the_cells_name_a_cell_the_same_way_whatever_the_yaml_literal(tm
 
 @pytest.mark.parametrize("solvers", ["[dpm-solver++-order2, unipc-bh2-order3]", "[]"])
 def test_dvc_and_the_solver_cells_name_a_cell_the_same_way(tmp_path, solvers):
-    from dvc.repo import Repo
-
     from tasks.common.grid import solver_cell_path
 
     root = Path(__file__).resolve().parents[1]
     text, count = re.subn(r"(?m)^  solvers: \[[^\]]*\]", f"  solvers: {solvers}", (root / "params.yaml").read_text())
     assert count == 1
-    (tmp_path / "params.yaml").write_text(text)
-    (tmp_path / "dvc.yaml").write_text((root / "dvc.yaml").read_text())
-    Repo.init(str(tmp_path), no_scm=True)
-    with contextlib.chdir(tmp_path):
-        params = load_params("params.yaml")
-        stages = [s for s in Repo(".").index.stages if s.name.startswith("sweep-solver@")]
-        by_dvc = {str(s.outs[0].def_path): s.cmd.split()[-4:] for s in stages}
-        by_code = {
-            str(solver_cell_path(params, v, n)): ["--solver", v, "--steps", str(n)]
-            for v in params.sweep.solvers
-            for n in params.sweep.steps
-        }
+    params, stages = dvc_matrix(tmp_path, text, "sweep-solver@")
+    by_dvc = {str(s.outs[0].def_path): s.cmd.split()[-4:] for s in stages}
+    by_code = {
+        str(solver_cell_path(params, v, n)): ["--solver", v, "--steps", str(n)]
+        for v in params.sweep.solvers
+        for n in params.sweep.steps
+    }
     assert by_dvc == by_code and len(by_code) == len(params.sweep.solvers) * len(params.sweep.steps)
