@@ -30,7 +30,7 @@ from tasks import (
     sweep_table,
     train,
 )
-from tasks.common.config import Params
+from tasks.common.config import SOLVER_FORMS, Params
 from tasks.common.dataset import dataset_dir
 from tasks.common.fid import reference_path
 from tasks.common.grid import cell_name, number, solver_cell_name
@@ -196,7 +196,7 @@ STAGES: dict[str, Stage] = {
             publish=lambda r, p: Artifact(summary(f"Sweep cell {evaluation_name(r)}", r)),
             ranks="sweep",
             options=(
-                Option("solver", str, "dpm-solver++-order<1-3> or unipc-<bh1|bh2>-order<1-3>"),
+                Option("solver", str, SOLVER_FORMS),
                 Option("steps", int, "steps"),
             ),
             dvc_name="sweep-solver",

@@ -76,6 +76,7 @@ SAMPLER_SETTINGS = {
 SETTING_KEYS = ("sampler", "steps", "spacing", "eta", "order", "variant", "base_step_size")
 #: A sweep solver, ``dpm-solver++-order2`` or ``unipc-bh2-order3``: groups sampler, variant (UniPC's), order.
 SOLVER_SPEC = r"(dpm-solver\+\+(?=-order)|unipc(?=-bh))(?:-(bh1|bh2))?-order([1-3])"
+SOLVER_FORMS = "dpm-solver++-order<1-3> or unipc-<bh1|bh2>-order<1-3>"  # what SOLVER_SPEC accepts, in words
 
 
 def result(default: Any, description: str, *, stages: str | tuple[str, ...], **constraints: Any) -> Any:
@@ -377,7 +378,7 @@ class SweepConfig(Section):
     @classmethod
     def _known_solvers(cls, v: list[str]) -> list[str]:
         if bad := [s for s in v if not re.fullmatch(SOLVER_SPEC, s)]:
-            raise ValueError(f"write dpm-solver++-order<1-3> or unipc-<bh1|bh2>-order<1-3>, got {bad}")
+            raise ValueError(f"write {SOLVER_FORMS}, got {bad}")
         if len(set(v)) != len(v):
             raise ValueError(f"values must be distinct, got {v}")
         return v

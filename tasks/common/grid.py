@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tasks.common.config import SOLVER_SPEC, Params
+from tasks.common.config import SOLVER_FORMS, SOLVER_SPEC, Params
 from tasks.common.errors import UserError
 
 
@@ -36,7 +36,7 @@ def solver_settings(solver: str) -> dict[str, Any]:
     -> ``{"sampler": "dpm-solver++", "order": 3}``: the sample section's keys a solver sets."""
     match = re.fullmatch(SOLVER_SPEC, solver)
     if match is None:
-        raise SweepError(f"solver {solver!r}: write dpm-solver++-order<1-3> or unipc-<bh1|bh2>-order<1-3>")
+        raise SweepError(f"solver {solver!r}: write {SOLVER_FORMS}")
     sampler, variant, order = match.groups()
     return {"sampler": sampler, "order": int(order), **({"variant": variant} if variant else {})}
 
