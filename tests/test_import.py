@@ -67,6 +67,7 @@ def test_a_diffusers_folder(small_diffusers, tmp_path, which):
         "layout": "diffusers",
         "file": result["file"],
         "sha256": hashlib.sha256((folder / result["file"]).read_bytes()).hexdigest(),
+        "weights": f"{result['file']}: whether these are EMA weights is not known",
     }
     assert state["diffusion"] == {"schedule": "linear", "num_train_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
     assert UNetConfig.from_dict(state["model_config"]).ch_mult == (1, 2)
@@ -250,3 +251,22 @@ def test_the_train_stage_imports_instead_of_training_when_model_pretrained_is_se
 
     with pytest.raises(TrainingError, match=r"is another U-Net: ch=32 \(params: 64\)"):
         train.run(load_params(params_file, [f"model.pretrained={st}", "model.ch=64"]))
+
+
+def test_the_import_says_plainly_whether_it_holds_ddpms_ema_weights(small_diffusers, tmp_path, hub, capsys):
+    """google/ddpm-cifar10-32 (here a small model published under that id on the local hub) is reported not to be
+    the EMA model: the output says so and names the EMA checkpoint to import instead."""
+    _, st, _ = small_diffusers
+    root, _, _ = hub
+    publish(st, root, "google/ddpm-cifar10-32", ("config.json", "diffusion_pytorch_model.safetensors"))
+    out = tmp_path / "m.pt"
+    assert main(["import-model", "google/ddpm-cifar10-32", "--out", str(out), "--set", f"paths.raw={tmp_path}"]) == 0
+    printed = capsys.readouterr()
+    weights = json.loads(printed.out)["weights"]
+    assert weights.startswith("google/ddpm-cifar10-32 is reported not to hold DDPM's EMA weights")
+    assert importer.EMA_CIFAR10_URL in weights and printed.err.strip().splitlines()[-1] == f"weights: {weights}"
+    assert load_model(out)[1]["source"]["weights"] == weights
+    assert importer.which_weights("x", "ema_diffusion_cifar10_model-790000.ckpt").endswith(
+        "DDPM's EMA weights, the ones its FIDs were computed with"
+    )
+    assert "not their EMA" in importer.which_weights("x", "diffusion_cifar10_model-790000.ckpt")

@@ -57,6 +57,9 @@ RUN_BY = {
     ".venv/bin/ddim import-model google/ddpm-cifar10-32": (
         "tests/test_import.py::test_a_hub_id_is_downloaded_once_and_checked"
     ),
+    ".venv/bin/ddim export-model exported/": (
+        "tests/test_export.py::test_a_second_export_replaces_the_first_and_nothing_else_is_ever_written_over"
+    ),
     ".venv/bin/ddim profile cifar10-pretrained": (
         "tests/test_pipeline.py::test_a_pretrained_model_is_imported_instead_of_trained"
     ),

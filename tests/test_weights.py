@@ -13,6 +13,7 @@ from models.weights import (
     convert_state_dict,
     ddpm_config_from_state_dict,
     diffusers_config,
+    export_state_dict,
     unet_config_from_diffusers,
 )
 
@@ -121,6 +122,21 @@ def test_every_key_must_map(diffusers_ddpm):
     state["conv_in.weight"] = torch.zeros(128, 3, 5, 5)
     with pytest.raises(WeightsError, match=r"misshapen tensors: conv_in\.weight \(128, 3, 5, 5\) for conv_in\.weight"):
         convert_state_dict(state, config, "diffusers")
+
+
+def test_export_is_the_inverse_of_convert_in_both_layouts(diffusers_ddpm):
+    """diffusers' own state dict comes back exactly (names, shapes, bits), and so does ours through either layout."""
+    config = unet_config_from_diffusers(dict(diffusers_ddpm.config))
+    theirs = diffusers_ddpm.state_dict()
+    ours = convert_state_dict(theirs, config, "diffusers")
+    exported = export_state_dict(ours, config, "diffusers")
+    assert exported.keys() == theirs.keys()
+    assert all(exported[k].shape == theirs[k].shape and torch.equal(exported[k], theirs[k]) for k in theirs)
+    back = convert_state_dict(export_state_dict(ours, config, "ddpm"), config, "ddpm")
+    assert all(torch.equal(back[k], ours[k]) for k in ours)
+    del ours["conv_in.bias"]
+    with pytest.raises(WeightsError, match=r"missing conv_in\.bias"):
+        export_state_dict(ours, config, "diffusers")
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from models.diffusion import make_beta_schedule
 from models.unet import UNetConfig
 from models.weights import WeightsError, convert_state_dict, ddpm_config_from_state_dict, unet_config_from_diffusers
 from tasks.common.checkpoint import is_model_file, save_model
@@ -49,6 +50,12 @@ KNOWN_FILES = {
     "https://heibox.uni-heidelberg.de/f/44ccb50ef3c6436db52e/?dl=1": (
         "ema_diffusion_lsun_church_model-4432000.ckpt", "fdc68a23938c2397caba4a260bc2445f", 256, 0.0),
 }  # fmt: skip
+EMA_CIFAR10_URL = next(
+    url for url, known in KNOWN_FILES.items() if known[0] == "ema_diffusion_cifar10_model-790000.ckpt"
+)
+# Hub models said, by people who converted DDPM's original checkpoints themselves, to hold the raw weights of the
+# last step rather than their EMA (VainF/Diff-Pruning; pesser/pytorch_diffusion#3: FID ~12 against ~4.8 with EMA).
+HUB_NOT_EMA = {"google/ddpm-cifar10-32": EMA_CIFAR10_URL}
 # Every DDPM model was trained with these betas.
 DDPM_DIFFUSION = {"schedule": "linear", "num_train_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 
@@ -151,15 +158,29 @@ def _diffusion_of(folder: Path) -> dict[str, Any]:
     for path in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
         if path.is_file():
             cfg = json.loads(path.read_text())
-            if cfg.get("beta_schedule", "linear") != "linear" or cfg.get("trained_betas"):
-                raise ModelImportError(f"{path}: beta_schedule {cfg.get('beta_schedule')!r}; only linear is supported")
-            return {
+            diffusion = {
                 "schedule": "linear",
                 "num_train_steps": int(cfg.get("num_train_timesteps", 1000)),
                 "beta_start": float(cfg.get("beta_start", 1e-4)),
                 "beta_end": float(cfg.get("beta_end", 0.02)),
             }
+            if cfg.get("trained_betas") and _is_our_cosine(cfg["trained_betas"]):  # as `ddim export-model` writes
+                return {**diffusion, "schedule": "cosine"}
+            if cfg.get("beta_schedule", "linear") != "linear" or cfg.get("trained_betas"):
+                raise ModelImportError(
+                    f"{path}: beta_schedule {cfg.get('beta_schedule')!r}; only linear (and the cosine schedule "
+                    "that ddim export-model writes as trained_betas) is supported"
+                )
+            return diffusion
     return dict(DDPM_DIFFUSION)
+
+
+def _is_our_cosine(betas: list[float]) -> bool:
+    """Whether ``betas`` are, to the last bit, :func:`models.diffusion.make_beta_schedule`'s cosine schedule."""
+    try:
+        return make_beta_schedule("cosine", len(betas)).tolist() == [float(b) for b in betas]
+    except (TypeError, ValueError):  # not a list of numbers
+        return False
 
 
 def _read_diffusers(folder: Path) -> tuple[UNetConfig, dict[str, torch.Tensor], Path, dict[str, Any]]:
@@ -181,6 +202,22 @@ def _read_ddpm_file(path: Path, image_size: int | None) -> tuple[UNetConfig, dic
     return ddpm_config_from_state_dict(foreign, size, dropout=known[3] if known else 0.0), foreign
 
 
+def which_weights(source: str, file_name: str) -> str:
+    """In words, which of DDPM's weights ``source`` holds, as far as is known: its FIDs are the EMA weights'."""
+    ema_source = HUB_NOT_EMA.get(source.rstrip("/"))
+    if ema_source is not None:
+        return (
+            f"{source} is reported not to hold DDPM's EMA weights (FID about 8-12 rather than DDPM's 3.17; not "
+            f"checked here): for DDPM's numbers import the EMA checkpoint, ddim import-model '{ema_source}'"
+        )
+    known = next((v for v in KNOWN_FILES.values() if v[0] == file_name), None)
+    if known is None:
+        return f"{file_name}: whether these are EMA weights is not known"
+    if known[0].startswith("ema_"):
+        return f"{file_name}: DDPM's EMA weights, the ones its FIDs were computed with"
+    return f"{file_name}: DDPM's raw weights of the last step, not their EMA (its FIDs are the EMA weights')"
+
+
 def read_source(source: str, cache: Path, image_size: int | None = None) -> Imported:
     """Import ``source``; ``image_size`` is needed for original-layout files (they do not record it)."""
     path = locate(source, cache)
@@ -195,6 +232,7 @@ def read_source(source: str, cache: Path, image_size: int | None = None) -> Impo
     except WeightsError as e:
         raise ModelImportError(f"{source}: {e}") from None
     about = {"from": source, "layout": layout, "file": weights.name, "sha256": file_hash(weights)}
+    about["weights"] = which_weights(source, weights.name)
     return Imported(config, state, dict(diffusion), about)
 
 
