@@ -151,6 +151,12 @@ def _model_file_parsers(sub: argparse._SubParsersAction) -> None:
     importer.add_argument(
         "--image-size", type=int, metavar="N", help="for original DDPM files, which do not record it (32: CIFAR-10)"
     )
+    register = _command_parser(
+        sub,
+        "register",
+        "register the model with the best FID among evaluations made as the params say (MLflow registry, alias)",
+    )
+    register.add_argument("--alias", default="champion", help="the alias to point at it (default: champion)")
     exporter = _command_parser(
         sub, "export-model", "write model.pt as a diffusers DDIMPipeline folder (UNet2DModel + DDIMScheduler)"
     )
@@ -289,6 +295,14 @@ def run_export_model(args: argparse.Namespace) -> int:
     params = load_params(args.params, args.overrides) if Path(args.params).is_file() else Params()
     model = Path(args.model) if args.model else Path(params.paths.train) / MODEL_FILE
     print(json.dumps(export_model.run(model, Path(args.out), clip_x0=params.sample.clip_x0)))
+    return 0
+
+
+def run_register(args: argparse.Namespace) -> int:
+    from tasks import register
+
+    for line in register.explain(register.run(load_params(args.params, args.overrides), args.alias)):
+        print(line)
     return 0
 
 
@@ -458,6 +472,7 @@ COMMANDS = {
     "profile": run_profile,
     "import-model": run_import_model,
     "export-model": run_export_model,
+    "register": run_register,
     "fid-weights": run_fid_weights,
 }
 DVC_FLOWS = ("pipeline", "sweep")  # commands whose flow runs `dvc repro`, which runs each stage's command

@@ -40,12 +40,14 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.stages import STAGES, Artifact, Stage, sweep_rows
-from tasks.common.config import TrainConfig, load_params
+from tasks.common.config import SampleConfig, SweepConfig, TrainConfig, load_params
 from tasks.common.errors import UserError
 from tasks.common.files import exclusive
 from tasks.common.tracking import read_run_id
 from tasks.prepare import download
 from tasks.sweep_table import table_rows
+
+Launched = TrainConfig | SampleConfig | SweepConfig  # the sections whose stages run under torchrun
 
 
 class PipelineError(UserError):
@@ -132,14 +134,17 @@ def stream(cmd: list[str], env: dict[str, str] | None = None) -> int:
     return proc.wait()
 
 
-def torchrun_launcher(nproc: int, train: TrainConfig | None = None) -> list[str]:
-    """``torchrun`` for ``nproc`` processes on this machine; with ``train.nnodes > 1``, this machine's share of
-    a job on several, which meet through the c10d rendezvous at ``train.rdzv_endpoint``."""
+def torchrun_launcher(nproc: int, section: Launched | None = None) -> list[str]:
+    """``torchrun`` for ``nproc`` processes on this machine; with ``section.nnodes > 1`` (the train, sample or
+    sweep section), this machine's share of a job on several, which meet through the c10d rendezvous at
+    ``section.rdzv_endpoint``. Only training restarts failed ranks (``train.max_restarts``)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if train is None or train.nnodes == 1:
-        return [*launcher, "--standalone", f"--max-restarts={train.max_restarts if train else 0}"]
-    rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint={train.rdzv_endpoint}", f"--rdzv-id={train.rdzv_id}"]
-    return [*launcher, f"--nnodes={train.nnodes}", *rendezvous, f"--max-restarts={train.max_restarts}"]
+    restarts = f"--max-restarts={getattr(section, 'max_restarts', 0)}"
+    if section is None or section.nnodes == 1:
+        return [*launcher, "--standalone", restarts]
+    endpoint, job = section.rdzv_endpoint, section.rdzv_id
+    rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job}"]
+    return [*launcher, f"--nnodes={section.nnodes}", *rendezvous, restarts]
 
 
 def run_ranks(
@@ -164,9 +169,8 @@ def launch(stage: Stage, params_file: str, overrides: list[str], options: dict[s
     """Run ``stage`` in this process, or under ``torchrun`` when its section asks for more processes."""
     params = load_params(params_file, overrides)
     section = getattr(params, stage.ranks) if stage.ranks else None
-    if section is not None and (section.nproc_per_node > 1 or getattr(section, "nnodes", 1) > 1):
-        train = section if isinstance(section, TrainConfig) else None
-        return run_ranks(stage, params_file, overrides, options, torchrun_launcher(section.nproc_per_node, train))
+    if section is not None and (section.nproc_per_node > 1 or section.nnodes > 1):
+        return run_ranks(stage, params_file, overrides, options, torchrun_launcher(section.nproc_per_node, section))
     if stage.progress is None:
         return stage.run(params, **options)
     progress = ProgressArtifact(stage.progress, f"{stage.name}: done (%)")

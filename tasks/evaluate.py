@@ -38,13 +38,14 @@ def run(params: Params) -> dict[str, Any]:
     if not stats_file.is_file() or not config_file.is_file():
         raise EvaluationError(f"{stats_file} not found: run `ddim sample` first")
     try:
-        sample_stats, sampling = json.loads(stats_file.read_text()), json.loads(config_file.read_text())["sample"]
-        complete = sample_stats["complete"]
+        sample_stats, made = json.loads(stats_file.read_text()), json.loads(config_file.read_text())
+        sampling, model_sha256, complete = made["sample"], made["model_sha256"], sample_stats["complete"]
     except (ValueError, KeyError, TypeError):
         raise EvaluationError(f"{samples} holds a damaged record of `ddim sample`: run `ddim sample` again") from None
     if not complete:
         raise EvaluationError(f"sampling in {samples} is incomplete: rerun `ddim sample` to finish it")
-    mu_ref, sigma_ref, ref_count = load_stats(reference_path(params))
+    reference = reference_path(params)
+    mu_ref, sigma_ref, ref_count = load_stats(reference)
     files = list_images(samples / "images")
     warn_if_biased(len(files))
     model = load_inception(pick_device(cfg.device))
@@ -63,5 +64,13 @@ def run(params: Params) -> dict[str, Any]:
     }
     write_json(metrics, Path(params.paths.metrics))
     parent = read_run_id(Path(params.paths.train))
-    run_id = log_evaluation(params.tracking, parent, {"sample": sampling}, metrics, samples / "grid.png")
+    run_id = log_evaluation(
+        params.tracking,
+        parent,
+        {"sample": sampling},
+        metrics,
+        samples / "grid.png",
+        model_sha256=model_sha256,  # the model that drew the images: its logged model gets the FID
+        reference=reference,
+    )
     return {**metrics, "mlflow_run_id": run_id, "inception_images_per_s": round(len(files) / seconds, 2)}

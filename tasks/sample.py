@@ -16,6 +16,7 @@ did not write) is refused with one line, before any file in it is touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -33,6 +34,7 @@ from tasks.common.files import atomic_path, file_hash, foreign_entries, write_js
 from tasks.common.images import make_grid, read_png, save_png, to_uint8
 from tasks.common.inference import InferenceModel, batches, load_inference
 from tasks.common.progress import progress_bar
+from tasks.common.tracking import NullTracker, evaluation_name, read_run_id, tracked_run
 
 IMAGES = "images"
 OWN_FILES = re.compile(r"config\.json|sample_stats\.json|grid\.png|nfe\.rank\d+\.npy|\..+\.tmp")
@@ -182,6 +184,19 @@ def write_stats(out: Path, cfg: SampleConfig, device: str, precision: str) -> di
     return stats
 
 
+def sampling_run(params: Params, device: str, precision: str, ranks: Ranks) -> contextlib.AbstractContextManager:
+    """The MLflow child run of the training run that records this sampling run while it works (rank 0): its
+    settings, its speed, and the machine's utilisation (``tracking.system_metrics``)."""
+    if not ranks.is_main:
+        return contextlib.nullcontext(NullTracker())
+    cfg = params.sample
+    settings = {k: v for k, v in cfg.settings().items() if v is not None}
+    name = f"sample-{evaluation_name(settings)}"
+    tags = {"stage": "sample", "device": device, "precision": precision}
+    logged = {"sample": {**settings, "num_samples": cfg.num_samples, "seed": cfg.seed}}
+    return tracked_run(params.tracking, read_run_id(Path(params.paths.train)), name, logged, tags)
+
+
 def run(params: Params, *, stop_after_batches: int | None = None) -> dict[str, Any]:
     """Generate the configured samples (continuing an interrupted run); ``sample_stats`` and this run's timing
     (rank 0; others: {})."""
@@ -196,13 +211,15 @@ def run(params: Params, *, stop_after_batches: int | None = None) -> dict[str, A
         finished = ranks.broadcast(finished)  # the others wait until rank 0 has the folder ready
         if finished is not None:
             return finished if ranks.is_main else {}  # every image is there, made by this config: nothing to do
-        begin = time.perf_counter()
-        generated = ranks.sum(generate(net, cfg, out, ranks, stop_after_batches))
-        seconds = time.perf_counter() - begin
-        if not ranks.is_main:
-            return {}
-        timing = {"wall_seconds": round(seconds, 2), "images_generated_now": generated}
-        timing["images_per_s"] = round(generated / seconds, 2) if generated else None
+        with sampling_run(params, str(device), net.precision, ranks) as tracker:
+            begin = time.perf_counter()
+            generated = ranks.sum(generate(net, cfg, out, ranks, stop_after_batches))
+            seconds = time.perf_counter() - begin
+            if not ranks.is_main:
+                return {}
+            timing = {"wall_seconds": round(seconds, 2), "images_generated_now": generated}
+            timing["images_per_s"] = round(generated / seconds, 2) if generated else None
+            tracker.log_metrics({k: v for k, v in timing.items() if v is not None}, 0)
         return {**write_stats(out, cfg, str(device), net.precision), **timing}
     finally:
         ranks.finish()

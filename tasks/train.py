@@ -35,8 +35,10 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,28 +58,39 @@ from models.unet import UNet
 from tasks.common.checkpoint import (
     MODEL_FILE,
     adopt_flat_checkpoints,
+    checkpoint_path,
     list_checkpoints,
     newest_checkpoint,
+    prune_checkpoints,
+    read_best,
     recipe_dir,
     save_checkpoint,
     save_model,
     weights_digest,
+    write_best,
     write_recipe,
 )
 from tasks.common.config import Params, TrainConfig
 from tasks.common.dataset import DeviceImages, PreparedDataset, dataset_dir
-from tasks.common.devices import on_device, pick_device, set_precision
+from tasks.common.devices import autocast_dtype, on_device, pick_device, set_precision
 from tasks.common.distributed import Ranks
 from tasks.common.errors import UserError
+from tasks.common.fid import frechet_distance, load_stats, reference_path
 from tasks.common.files import atomic_path, exclusive, file_hash, project_path, write_json
 from tasks.common.graphs import Graphed
 from tasks.common.images import make_grid, to_uint8
+from tasks.common.inception import load_inception
+from tasks.common.inference import InferenceModel
+from tasks.common.logged_model import ModelUpload
 from tasks.common.pretrained import read_source, write_imported
 from tasks.common.progress import progress_bar
+from tasks.common.scoring import draw_features
 from tasks.common.seeds import derive_seed
-from tasks.common.tracking import NullTracker, Tracker, git_commit, write_or_forget_run_id
+from tasks.common.tracking import NullTracker, SystemMetrics, Tracker, git_commit, write_or_forget_run_id
 
 METRICS_FIELDS = ["step", "loss", "mse", "complexity_term", "lr", "grad_norm", "images_per_s"]
+FID_FIELDS = ["step", "fid", "num_samples", "seconds"]
+FID_FILE = "train_fid.csv"  # the training-time FID curve (train.fid_every): DVC's top-level plot beside the loss's
 RUN_FILE = "train_run.json"
 FINAL_FILE = "train_metrics.json"  # the last metric row: what `dvc exp show` and `dvc metrics diff` show
 
@@ -598,26 +611,87 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 
 class MetricsCSV:
-    """``train_metrics.csv``, appended one row per log step; rows past a resumed step are dropped first."""
+    """``train_metrics.csv`` (or, with ``fields``, another curve of the run), appended one row per log step; rows
+    past a resumed step are dropped first."""
 
-    def __init__(self, path: Path, resume_step: int) -> None:
+    def __init__(self, path: Path, resume_step: int, fields: list[str] = METRICS_FIELDS) -> None:
+        self.fields = fields
         rows = []
         if resume_step > 0 and path.is_file():
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, METRICS_FIELDS)
+            writer = csv.DictWriter(f, fields, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
         self.file = open(path, "a", newline="")  # noqa: SIM115 - kept open for the whole run
-        self.writer = csv.DictWriter(self.file, METRICS_FIELDS)
+        self.writer = csv.DictWriter(self.file, fields)
 
     def write(self, row: dict[str, float]) -> None:
-        self.writer.writerow({k: row[k] for k in METRICS_FIELDS})
+        self.writer.writerow({k: row[k] for k in self.fields})
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
+
+
+class TrainingFID:
+    """FID while training (``train.fid_every``): at those steps the EMA model draws ``train.fid_samples`` images as
+    the sample section says (every rank its share by index, the statistics merged: the FID of one process) and
+    they are scored against the reference statistics (``ddim reference``'s file).
+
+    The best score's checkpoint is the recipe's ``best.json`` (:func:`tasks.common.checkpoint.read_best`), which
+    pruning never deletes, also in later runs with the FID off. Scores are compared only when measured the same
+    way (image count, sampler settings, reference file): another way starts a new best."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        params, cfg = trainer.params, trainer.cfg
+        self.every, self.inception = cfg.fid_every, None
+        self.sampling = params.sample.model_copy(update={"num_samples": cfg.fid_samples})
+        self.reference: tuple[np.ndarray, np.ndarray] | None = None
+        self.measured_with: dict[str, Any] = {}
+        if self.every:
+            path = reference_path(params)
+            self.reference = load_stats(path)[:2]  # a missing reference fails now, before the first step
+            settings = {k: v for k, v in self.sampling.settings().items() if v is not None}
+            self.measured_with = {"num_samples": cfg.fid_samples, **settings, "reference_sha256": file_hash(path)}
+        self.best = read_best(trainer.checkpoints)
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    @property
+    def best_step(self) -> int | None:
+        return self.best["step"] if self.best else None
+
+    def measure(self, trainer: Trainer) -> float | None:
+        """The EMA model's FID now (every rank draws its share; the score on rank 0, None on the others)."""
+        if self.inception is None:
+            self.inception = load_inception(trainer.device)
+        amp_dtype = autocast_dtype(trainer.params.sample.precision, trainer.device)
+        ema = trainer.ema.module
+        ema.eval()
+        try:
+            net = InferenceModel(ema, trainer.alphas_cumprod, trainer.device, amp_dtype, "")
+            with torch.no_grad():
+                stats, _ = draw_features(net, self.sampling, trainer.dist, self.inception)
+            stats.reduce()
+        finally:
+            ema.train()
+        if not trainer.dist.is_main:
+            return None
+        assert self.reference is not None
+        return frechet_distance(*stats.mean_and_covariance(), *self.reference)
+
+    def is_best(self, fid: float) -> bool:
+        """Whether ``fid`` beats the recipe's best (one measured another way does not count)."""
+        best = self.best
+        return best is None or best.get("measured_with") != self.measured_with or fid < best["train_fid"]
+
+    def keep(self, folder: Path, step: int, fid: float) -> None:
+        """Make step ``step``'s checkpoint (written) the recipe's best."""
+        self.best = {"step": step, "train_fid": fid, "measured_with": self.measured_with}
+        write_best(folder, self.best)
 
 
 def sample_grid(trainer: Trainer) -> np.ndarray:
@@ -653,6 +727,10 @@ class Bookkeeping:
         self.last: dict[str, float] = {"loss": float("nan")}
         self.tracker: NullTracker = NullTracker()
         self.csv: MetricsCSV | None = None
+        self.fid, self.fid_csv = TrainingFID(trainer), None
+        self.models: dict[int, ModelUpload | None] = {}  # the logged model of each step that has one
+        self.scratch: Path | None = None  # model files waiting to be sent to MLflow
+        self.system: SystemMetrics | None = None  # CPU/GPU utilisation and memory, sampled into the run
         self.bar = progress_bar(
             total=trainer.cfg.steps,
             initial=trainer.start_step,
@@ -682,7 +760,9 @@ class Bookkeeping:
             params.tracking, params.model_dump(mode="json"), tags, ckpt_dir, run_name=training_run_name(params)
         )
         write_or_forget_run_id(self.tracker.run_id, out_dir)
+        self.system = SystemMetrics.start(self.tracker, params.tracking.system_metrics, resume=trainer.start_step > 0)
         self.csv = MetricsCSV(out_dir / "train_metrics.csv", trainer.start_step)
+        self.fid_csv = MetricsCSV(out_dir / FID_FILE, trainer.start_step, FID_FIELDS)  # header only without FID
 
     def record(self, step: int, stats: torch.Tensor) -> None:
         """Add step ``step``'s ``[loss, mse, complexity_term, grad_norm]`` (no host sync)."""
@@ -695,20 +775,26 @@ class Bookkeeping:
         self.bar.update(1)
 
     def maintain(self, step: int, stop_asked: bool) -> None:
-        """After ``step`` steps: log, check, grid and checkpoint when due; raise if the run must stop."""
+        """After ``step`` steps: log, check, FID, grid, checkpoint and logged model when due; raise if the run must
+        stop."""
         cfg, trainer = self.trainer.cfg, self.trainer
         at_log = step % cfg.log_every == 0 or step == self.end
-        at_checkpoint = step % cfg.checkpoint_every == 0 or step == self.end
+        at_fid = self.fid.due(step)
+        at_checkpoint = step % cfg.checkpoint_every == 0 or step == self.end or at_fid  # a best is a checkpoint
         at_grid = bool(cfg.sample_every) and step % cfg.sample_every == 0 and step < cfg.steps  # the last: export
-        if not (at_log or at_checkpoint or at_grid or (stop_asked and not trainer.dist.distributed)):
+        at_model = bool(cfg.model_every) and step % cfg.model_every == 0 and step < cfg.steps  # the last: export
+        if not (at_log or at_checkpoint or at_grid or at_model or (stop_asked and not trainer.dist.distributed)):
             return
         stop = self._agree(stop_asked)
         if at_log:
             self._log(step)
+        fid = self._measure_fid(step) if at_fid else None
         if trainer.dist.is_main and at_grid:
             self.tracker.log_image(sample_grid(trainer), f"samples/step_{step:08d}.png")
         if at_checkpoint or stop:
-            self._checkpoint(step)
+            self._checkpoint(step, fid)
+        if at_model or fid is not None:
+            self.log_model(step, fid)
         if stop:
             raise TrainingInterruptedError(f"stopped at step {step}: checkpoint written, rerun to resume")
 
@@ -750,7 +836,38 @@ class Bookkeeping:
         self.sums.zero_()
         self.window_start, self.window_steps = time.perf_counter(), 0
 
-    def _checkpoint(self, step: int) -> None:
+    def _measure_fid(self, step: int) -> float | None:
+        """The EMA model's FID at ``step`` (every rank takes part; rank 0 writes its row and gets the score)."""
+        start = time.perf_counter()
+        fid = self.fid.measure(self.trainer)
+        seconds = time.perf_counter() - start
+        self.window_start += seconds  # the images/s of training leave the FID's time out
+        if fid is not None and self.fid_csv is not None:
+            num = self.trainer.cfg.fid_samples
+            self.fid_csv.write({"step": step, "fid": fid, "num_samples": num, "seconds": round(seconds, 2)})
+            self.bar.set_postfix(fid=f"{fid:.2f}")
+        return fid
+
+    def log_model(self, step: int, fid: float | None = None, path: Path | None = None) -> None:
+        """The EMA weights at ``step`` as an MLflow logged model, once per step (``path``: a model.pt of them, else
+        a snapshot is written for it), and ``fid``, where measured there, as a metric linked to it."""
+        trainer = self.trainer
+        if not trainer.dist.is_main or self.tracker.run_id is None:
+            return
+        if step not in self.models:
+            if path is None:
+                self.scratch = self.scratch or Path(tempfile.mkdtemp(prefix="ddim-models-"))
+                path = self.scratch / f"model-{step:08d}.pt"
+                write_model(trainer, path, step)
+            tags = {"dataset.name": trainer.params.data.name, "dataset.sha256": trainer.dataset.manifest["sha256"]}
+            sampling = trainer.params.sample.model_dump(mode="json")
+            upload = ModelUpload(self.tracker.run_id, path, step, sampling, tags, path.parent == self.scratch)
+            self.tracker.send(f"model at step {step}", upload)
+            self.models[step] = upload
+        if fid is not None:
+            self.tracker.log_metrics({"train_fid": fid}, step, model=self.models[step])
+
+    def _checkpoint(self, step: int, fid: float | None = None) -> None:
         trainer = self.trainer
         if not trainer.dist.is_main:
             return
@@ -767,12 +884,19 @@ class Bookkeeping:
             "params": trainer.params.model_dump(mode="json"),
             "mlflow_run_id": self.tracker.run_id,
         }
-        save_checkpoint(trainer.checkpoints, step, state, trainer.cfg.keep_checkpoints)
+        keep = trainer.cfg.keep_checkpoints
+        save_checkpoint(trainer.checkpoints, step, state, keep, protect=self.fid.best_step)
+        if fid is not None and self.fid.is_best(fid):
+            self.fid.keep(trainer.checkpoints, step, fid)
+            prune_checkpoints(trainer.checkpoints, keep, protect=step)  # the best before this one may go now
 
     def close(self, status: str, finished: bool) -> None:
         self.bar.close()
-        if self.csv is not None:
-            self.csv.close()
+        if self.system is not None:
+            self.system.stop()
+        for curve in (self.csv, self.fid_csv):
+            if curve is not None:
+                curve.close()
         timeout = self.trainer.params.tracking.flush_timeout
         if status == "KILLED":  # SIGTERM: the checkpoint is written, and the grace period may be short
             timeout = min(timeout, 5.0)
@@ -780,6 +904,8 @@ class Bookkeeping:
             self.tracker.finish(status, timeout=timeout)
         else:  # stopped early on purpose (stop_after): the run stays open, what it logged is sent
             self.tracker.flush(timeout)
+        if self.scratch is not None:  # what MLflow did not take by now is not sent
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -793,19 +919,32 @@ def training_run_name(params: Params) -> str:
     return f"{params.data.name}-ch{params.model.ch}-{cfg.steps}steps-lambda{cfg.lambda_reg:g}-{cfg.complexity_mode}"
 
 
-def export(trainer: Trainer, book: Bookkeeping) -> dict[str, Any]:
-    """Write ``model.pt`` (bit-identical for the same weights) and the ``train_run.json`` sidecar."""
-    params, out_dir = trainer.params, Path(trainer.params.paths.train)
-    model_path = out_dir / MODEL_FILE
+def write_model(trainer: Trainer, path: Path, step: int) -> None:
+    """The EMA weights as a ``model.pt`` at ``path`` (bit-identical for the same weights and step)."""
     save_model(
-        model_path,
+        path,
         trainer.model.config,
         trainer.ema.module.state_dict(),
-        diffusion=params.diffusion.model_dump(),
-        step=trainer.cfg.steps,
+        diffusion=trainer.params.diffusion.model_dump(),
+        step=step,
         dataset_sha256=trainer.dataset.manifest["sha256"],
         source={"kind": "train"},
     )
+
+
+def best_checkpoint(trainer: Trainer, best: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The recipe's checkpoint with the best training-time FID, as ``train_run.json`` names it (None: none)."""
+    if best is None:
+        return None
+    path = checkpoint_path(trainer.checkpoints, best["step"])
+    return {"path": str(path), "step": best["step"], "train_fid": best["train_fid"], **best["measured_with"]}
+
+
+def export(trainer: Trainer, book: Bookkeeping) -> dict[str, Any]:
+    """Write ``model.pt`` (bit-identical for the same weights) and the ``train_run.json`` sidecar; log the model."""
+    params, out_dir = trainer.params, Path(trainer.params.paths.train)
+    model_path = out_dir / MODEL_FILE
+    write_model(trainer, model_path, trainer.cfg.steps)
     about = {
         "model": str(model_path),
         "model_sha256": file_hash(model_path),
@@ -814,13 +953,15 @@ def export(trainer: Trainer, book: Bookkeeping) -> dict[str, Any]:
         "git_commit": git_commit(),
         "device": str(trainer.device),
         "precision": trainer.precision,
+        "best_checkpoint": best_checkpoint(trainer, book.fid.best),
         "params": params.model_dump(mode="json"),
     }
     write_json(about, out_dir / RUN_FILE)
     write_final_metrics(out_dir)
     book.tracker.log_image(sample_grid(trainer), f"samples/step_{trainer.cfg.steps:08d}.png")
     book.tracker.log_artifact(model_path)
-    return {k: about[k] for k in ("model", "weights_sha256", "device", "precision")}
+    book.log_model(trainer.cfg.steps, path=model_path)  # the final model, unless its step logged one already
+    return {k: about[k] for k in ("model", "weights_sha256", "device", "precision", "best_checkpoint")}
 
 
 def write_final_metrics(out_dir: Path) -> None:
@@ -869,6 +1010,9 @@ def import_pretrained(params: Params) -> dict[str, Any]:
     about = {"model": str(model_path), "model_sha256": file_hash(model_path), "mlflow_run_id": tracker.run_id}
     write_json({**about, "source": imported.source, "params": params.model_dump(mode="json")}, out_dir / RUN_FILE)
     tracker.log_artifact(model_path)
+    if tracker.run_id is not None:
+        sampling = params.sample.model_dump(mode="json")
+        tracker.send("the model", ModelUpload(tracker.run_id, model_path, 0, sampling, {"source": source}, False))
     tracker.finish("FINISHED", params.tracking.flush_timeout)
     return {**about, "imported_from": source}
 

@@ -95,6 +95,7 @@ def test_runtime_keys_are_resumable_and_not_result_keys():
     runtime = set(TrainConfig.model_fields) - set(TrainConfig.result_keys())
     assert runtime == {
         *("device", "num_workers", "log_every", "sample_every", "sample_steps"),
+        *("model_every", "fid_every", "fid_samples"),
         *("checkpoint_every", "keep_checkpoints", "resume"),
         *("rdzv_endpoint", "rdzv_id", "max_restarts"),
         *("cuda_graphs", "data_on_device"),

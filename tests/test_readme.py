@@ -22,6 +22,7 @@ WORKER = "tests/test_pipeline.py::test_prefect_yaml_deploys_and_a_worker_runs_it
 UI = "tests/test_pipeline.py::test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them"
 PROFILE = "tests/test_pipeline.py::test_switching_profile_is_one_command_that_dvc_params_diff_shows"
 QUEUE = "tests/test_pipeline.py::test_a_queued_grid_reaches_the_projects_mlflow_store_and_dvc_exp_show"
+TWO_MACHINES = "tests/test_sweep.py::test_two_machines_draw_the_images_and_get_the_fid_of_one"
 RUN_BY = {
     "make demo": DEMO,
     "make test": ".ci/run",
@@ -57,6 +58,14 @@ RUN_BY = {
     ".venv/bin/ddim import-model google/ddpm-cifar10-32": (
         "tests/test_import.py::test_a_hub_id_is_downloaded_once_and_checked"
     ),
+    # Two launchers on 127.0.0.1 drawing one job's images (and a sweep cell's FID), as on two machines.
+    ".venv/bin/ddim sample --set sample.nnodes=2 --set sample.nproc_per_node=8 "
+    "--set sample.rdzv_endpoint=node0:29500": TWO_MACHINES,
+    ".venv/bin/ddim register": (
+        "tests/test_registry.py::test_register_picks_the_best_comparable_model_and_its_pyfunc_draws_ddim_samples_images"
+    ),
+    "MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db .venv/bin/mlflow models serve -m models:/ddim-shapes16@champion "
+    "--env-manager local -p 5001": "tests/test_registry.py::test_mlflow_models_serve_answers_with_the_same_images",
     ".venv/bin/ddim export-model exported/": (
         "tests/test_export.py::test_a_second_export_replaces_the_first_and_nothing_else_is_ever_written_over"
     ),

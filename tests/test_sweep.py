@@ -213,6 +213,58 @@ def test_two_processes_draw_the_same_images_and_get_the_same_fid_as_one(trained,
     np.testing.assert_array_equal(read_images(tmp_path / "2", 10), read_images(tmp_path / "1", 10))
 
 
+def two_machines(stage: str, section: str, params_file: Path, *args: str) -> dict:
+    """Rank 0's result of ``stage`` run as two "machines" on 127.0.0.1: two launchers of one process each (one
+    thread), meeting at a c10d rendezvous as ``<section>.nnodes=2`` makes ``ddim <stage>`` do on each machine."""
+    from helpers import free_port
+
+    from pipelines.flows import torchrun_launcher
+
+    nodes = [f"{section}.nnodes=2", f"{section}.rdzv_endpoint=127.0.0.1:{free_port()}", f"{section}.rdzv_id=t"]
+    launcher = torchrun_launcher(1, getattr(load_params(params_file, nodes), section))
+    assert "--nnodes=2" in launcher and "--rdzv-backend=c10d" in launcher and "--standalone" not in launcher
+    sets = [arg for item in nodes for arg in ("--set", item)]
+    results = [params_file.parent / f"{stage}-{machine}.json" for machine in "ab"]
+    rank = ["-m", "pipelines.ranks", stage, "--params", str(params_file), *args, *sets]
+    machines = [
+        subprocess.Popen(
+            [*launcher, *rank, "--result", str(result)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for result in results
+    ]
+    logs = [m.communicate(timeout=600)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], logs[0][-3000:]
+    answers = [json.loads(r.read_text()) for r in results if r.is_file()]
+    assert len(answers) == 1, "one rank 0 in the job, on one of the machines"
+    return answers[0]
+
+
+@pytest.mark.integration
+def test_two_machines_draw_the_images_and_get_the_fid_of_one(trained, tmp_path, one_thread):
+    """sample.nnodes and sweep.nnodes: two machines meet at a rendezvous and split the images by index; the
+    statistics are merged exactly: the one-machine FID and, image for image, the one-machine samples."""
+    from tasks import sample
+
+    params_file = with_sweep(trained, tmp_path, eta=[1.0], batch_size=1)
+    params = load_params(params_file)
+    reference.run(params)
+    one = sweep.run(params, steps=3, eta=1.0)
+    two = two_machines("sweep-cell", "sweep", params_file, "--steps", "3", "--eta", "1.0")
+    assert (one["processes"], two["processes"]) == (1, 2) and two["num_samples"] == 10
+    assert two["fid"] == pytest.approx(one["fid"], abs=1e-6)
+
+    settings = ["sample.steps=3", "sample.num_samples=10", "sample.batch_size=1"]
+    sample.run(load_params(params_file, [*settings, f"paths.samples={tmp_path / '1'}"]))
+    sets = [a for s in [*settings, f"paths.samples={tmp_path / '2'}"] for a in ("--set", s)]
+    stats = two_machines("sample", "sample", params_file, *sets)
+    assert stats["complete"] and stats["num_samples"] == 10
+    np.testing.assert_array_equal(read_images(tmp_path / "2", 10), read_images(tmp_path / "1", 10))
+
+
 def dvc_matrix(tmp_path: Path, params_text: str, prefix: str) -> tuple:
     """The project's dvc.yaml with ``params_text`` as params.yaml in ``tmp_path``: the params, and the stages DVC
     generates whose names start with ``prefix``."""

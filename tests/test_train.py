@@ -85,6 +85,38 @@ def test_loss_falls_and_everything_is_logged(tmp_path, mlflow_uri):
     assert grids == {"samples/step_00000050.png", "samples/step_00000100.png"}
 
 
+def test_system_metrics_are_sampled_into_the_training_and_the_sampling_runs(tmp_path, mlflow_uri):
+    """tracking.system_metrics: MLflow's own CPU and memory monitors, sampled into a run while it trains or samples
+    (the sampling run is a child of the training run); a resumed run continues their steps; 0 turns them off."""
+    from tasks import sample
+
+    system = "system/cpu_utilization_percentage"
+    fast = ["tracking.system_metrics=0.05", f"paths.samples={tmp_path / 'samples'}"]
+    params_file = setup_run(tmp_path, mlflow_uri, steps=20, log_every=10, deterministic=False)
+    summary = train.run(load_params(params_file, fast))
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    first = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], system)]
+    assert (
+        first
+        and first == list(range(len(first)))
+        and all(0 <= m.value <= 100 for m in client.get_metric_history(summary["mlflow_run_id"], system))
+    )
+    assert "system/system_memory_usage_megabytes" in client.get_run(summary["mlflow_run_id"]).data.metrics
+    train.run(load_params(params_file, [*fast, "train.steps=40"]))  # resumes the same run
+    steps = [m.step for m in client.get_metric_history(summary["mlflow_run_id"], system)]
+    assert steps == list(range(len(steps))) and len(steps) > len(first), "the resumed run continues the steps"
+
+    sample.run(load_params(params_file, [*fast, "sample.num_samples=16", "sample.steps=20", "sample.device=cpu"]))
+    runs = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id], "tags.stage = 'sample'")
+    (sampling,) = runs
+    assert sampling.data.tags["mlflow.parentRunId"] == summary["mlflow_run_id"] and sampling.info.status == "FINISHED"
+    assert sampling.info.run_name == "sample-ddim-20steps-eta0.0-quad" and sampling.data.metrics["images_per_s"] > 0
+    assert client.get_metric_history(sampling.info.run_id, system), "sampled while it drew the images"
+
+    off = train.run(load_params(setup_run(tmp_path / "off", mlflow_uri, steps=5), ["tracking.system_metrics=0"]))
+    assert not client.get_metric_history(off["mlflow_run_id"], system)
+
+
 def test_two_runs_with_the_same_seed_are_identical(tmp_path, mlflow_uri):
     a = train.run(load_params(setup_run(tmp_path / "a", mlflow_uri, steps=10)))
     b = train.run(load_params(setup_run(tmp_path / "b", mlflow_uri, steps=10)))
@@ -360,7 +392,17 @@ def test_ddim_runs_table_keeps_the_newest_repeat_and_blanks_settings_of_other_sa
         ddim = sampler == "ddim"
         metrics = {"fid": fid, "num_samples": 8, "sampler": sampler, "steps": 50 if ddim else None, "eta": 1.0}
         metrics |= {"spacing": "quad" if ddim else None, "nfe": 49.0, "reference_count": 16}
-        log_evaluation(cfg, parent, {"sample": sample}, metrics, tmp_path / "no-grid.png")
+        reference = tmp_path / "ref.npz"
+        reference.write_bytes(b"statistics")
+        log_evaluation(
+            cfg,
+            parent,
+            {"sample": sample},
+            metrics,
+            tmp_path / "no-grid.png",
+            model_sha256="0" * 64,
+            reference=reference,
+        )
         time.sleep(0.01)  # distinct start times
 
     evaluate("ddim", 90.0)

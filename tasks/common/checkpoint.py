@@ -20,7 +20,8 @@ the data's checksum).
 
 Each recipe has a folder of its own under ``paths.checkpoints``, ``<data name>-<recipe id>`` (the id: the
 first 12 hex digits of the fingerprint's sha256), holding its checkpoints, ``recipe.json`` (the fingerprint,
-for ``ddim checkpoints``) and the MLflow run id. A run reads and prunes only its own recipe's folder, so
+for ``ddim checkpoints``), the MLflow run id and, with ``train.fid_every``, ``best.json``: the checkpoint with the
+best training-time FID, which pruning never deletes. A run reads and prunes only its own recipe's folder, so
 training another recipe never touches it; only the user deletes a recipe (``ddim checkpoints --delete``).
 Checkpoints of the older flat layout (``paths.checkpoints/ckpt-*.pt``) are moved into their recipe's folder.
 """
@@ -49,6 +50,7 @@ MODEL_FILE = "model.pt"
 MODEL_FORMAT_VERSION = 1
 CKPT_PATTERN = re.compile(r"ckpt-(\d{8})\.pt")
 RECIPE_FILE = "recipe.json"
+BEST_FILE = "best.json"  # the checkpoint with the best training-time FID (never pruned)
 RUN_ID_FILE = "mlflow_run_id"  # tasks.common.tracking's name for it, which this module may not import
 RECIPE_DIR_PATTERN = re.compile(r"[A-Za-z0-9._-]*?-?([0-9a-f]{12})")
 
@@ -116,13 +118,39 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if CKPT_PATTERN.fullmatch(p.name))
 
 
-def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``ckpt-<step>.pt`` atomically, then delete all but the newest ``keep`` checkpoints."""
-    path = folder / f"ckpt-{step:08d}.pt"
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return folder / f"ckpt-{step:08d}.pt"
+
+
+def save_checkpoint(folder: Path, step: int, state: dict[str, Any], keep: int, protect: int | None = None) -> Path:
+    """Write ``ckpt-<step>.pt`` atomically, then :func:`prune_checkpoints`."""
+    path = checkpoint_path(folder, step)
     save_torch({"step": step, **state}, path)
-    for old in list_checkpoints(folder)[:-keep]:
-        old.unlink()
+    prune_checkpoints(folder, keep, protect)
     return path
+
+
+def prune_checkpoints(folder: Path, keep: int, protect: int | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints and the one of step ``protect`` (the best by training-time
+    FID, :func:`read_best`)."""
+    kept = {checkpoint_path(folder, protect)} if protect is not None else set()
+    for old in list_checkpoints(folder)[:-keep]:
+        if old not in kept:
+            old.unlink()
+
+
+def read_best(folder: Path) -> dict[str, Any] | None:
+    """The recipe's best checkpoint by training-time FID (``best.json``: step, train_fid, how it was measured);
+    None if there is none, or the record cannot be read."""
+    try:
+        best = json.loads((folder / BEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return best if isinstance(best, dict) and isinstance(best.get("step"), int) else None
+
+
+def write_best(folder: Path, best: dict[str, Any]) -> None:
+    write_json(best, folder / BEST_FILE)
 
 
 def newest_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:

@@ -263,6 +263,13 @@ class TrainConfig(Section):
     log_every: int = runtime(100, "steps between metric rows (CSV, MLflow) and NaN checks", ge=1)
     sample_every: int = runtime(10_000, "steps between EMA sample grids in MLflow (0: only at the end)", ge=0)
     sample_steps: int = runtime(50, "DDIM steps for those grids", ge=1)
+    model_every: int = runtime(
+        100_000, "steps between EMA models logged to MLflow as pyfunc models (0: only the final one)", ge=0
+    )
+    fid_every: int = runtime(
+        0, "steps between FIDs of the EMA model while training (0: off; needs the reference statistics)", ge=0
+    )
+    fid_samples: int = runtime(10_000, "images per training-time FID, drawn as the sample section says", ge=2)
     checkpoint_every: int = runtime(5000, "steps between checkpoints", ge=1)
     keep_checkpoints: int = runtime(3, "newest checkpoints kept", ge=1)
     resume: Literal["auto", "never"] = runtime("auto", "auto: continue from the newest checkpoint | never")
@@ -275,14 +282,20 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _rendezvous(self) -> TrainConfig:
-        if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint: host:port of one node, reachable from all")
+        check_rendezvous("train", self.nnodes, self.rdzv_endpoint)
         if self.resume == "never" and self.max_restarts > 0:
             raise ValueError(
                 "train.resume=never with train.max_restarts > 0: a restarted rank would refuse the checkpoints its "
                 "own job wrote; use train.resume=auto"
             )
         return self
+
+
+def check_rendezvous(section: str, nnodes: int, endpoint: str) -> None:
+    if nnodes > 1 and not endpoint:
+        raise ValueError(
+            f"{section}.nnodes > 1 needs {section}.rdzv_endpoint: host:port of one node, reachable from all"
+        )
 
 
 class SampleConfig(Section):
@@ -322,9 +335,13 @@ class SampleConfig(Section):
     )
     device: Device = runtime("auto", "auto | cuda | mps | cpu")
     nproc_per_node: int = runtime(1, "> 1: `ddim sample` runs torchrun with this many processes (one per GPU)", ge=1)
+    nnodes: int = runtime(1, "> 1: machines, each running `ddim sample`, meeting at rdzv_endpoint", ge=1)
+    rdzv_endpoint: str = runtime("", "nnodes > 1: host:port of the rendezvous (one of the nodes), reachable from all")
+    rdzv_id: str = runtime("ddim-sample", "nnodes > 1: the job's id, the same on every node")
 
     @model_validator(mode="after")
     def _steps_ordered(self) -> SampleConfig:
+        check_rendezvous("sample", self.nnodes, self.rdzv_endpoint)
         if self.min_step > self.max_step:
             raise ValueError(f"sample.min_step ({self.min_step}) must not exceed sample.max_step ({self.max_step})")
         return self
@@ -364,6 +381,14 @@ class SweepConfig(Section):
     batch_size: int = runtime(500, "images per sampler call (the images do not depend on it)", ge=1)
     images: bool = runtime(False, "also keep each cell's images as PNGs in cells/<cell>/ (FID never needs them)")
     nproc_per_node: int = runtime(1, "> 1: each cell runs under torchrun with this many processes", ge=1)
+    nnodes: int = runtime(1, "> 1: machines, each running the same cell, meeting at rdzv_endpoint", ge=1)
+    rdzv_endpoint: str = runtime("", "nnodes > 1: host:port of the rendezvous (one of the nodes), reachable from all")
+    rdzv_id: str = runtime("ddim-sweep", "nnodes > 1: the job's id, the same on every node")
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> SweepConfig:
+        check_rendezvous("sweep", self.nnodes, self.rdzv_endpoint)
+        return self
 
     @field_validator("steps", "eta")
     @classmethod
@@ -445,6 +470,10 @@ class TrackingConfig(Section):
     enabled: bool = runtime(True, "false: no MLflow at all (not imported, nothing logged): where it is not installed")
     flush_timeout: float = runtime(
         30.0, "seconds a stage waits at its end for a tracking server that stopped answering", ge=0, le=86_400
+    )
+    registered_model: str | None = runtime(None, "`ddim register`'s MLflow registered model (null: ddim-<data.name>)")
+    system_metrics: float = runtime(
+        10.0, "seconds between CPU/GPU utilisation and memory samples in a training or sampling run (0: off)", ge=0
     )
 
     @field_validator("uri")
@@ -539,7 +568,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def _describe(error: ValidationError, most: int = 8) -> str:
+def describe_error(error: ValidationError, most: int = 8) -> str:
     parts = []
     errors = error.errors()
     for e in errors[:most]:
@@ -573,7 +602,7 @@ def validate_params(raw: dict[str, Any], source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"invalid {source}: {_describe(e)}") from None
+        raise ConfigError(f"invalid {source}: {describe_error(e)}") from None
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

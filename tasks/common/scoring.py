@@ -16,14 +16,15 @@ from typing import Any
 import torch
 
 from models.diffusion import ddim_timesteps
+from tasks.common.checkpoint import MODEL_FILE
 from tasks.common.config import Params, SampleConfig
 from tasks.common.devices import pick_device
 from tasks.common.distributed import Ranks
 from tasks.common.fid import FeatureStats, batch_features, frechet_distance, load_stats, reference_path, warn_if_biased
-from tasks.common.files import write_json
+from tasks.common.files import file_hash, write_json
 from tasks.common.images import save_png, to_uint8
 from tasks.common.inception import load_inception
-from tasks.common.inference import batches, load_inference
+from tasks.common.inference import InferenceModel, batches, load_inference
 from tasks.common.tracking import log_evaluation, read_run_id
 
 
@@ -40,7 +41,16 @@ def sample_and_score(
     """Draw this process's share of the cell's images and merge their Inception features into statistics
     (``images``: write the images there as PNGs too); also the model evaluations those images took."""
     net = load_inference(params, device)  # the cell's precision and device are the sample section's
-    inception, stats, nfe = load_inception(device), FeatureStats(device=device), 0
+    return draw_features(net, cfg, ranks, load_inception(device), images)
+
+
+def draw_features(
+    net: InferenceModel, cfg: SampleConfig, ranks: Ranks, inception: torch.nn.Module, images: Path | None = None
+) -> tuple[FeatureStats, int]:
+    """This process's share of ``cfg.num_samples`` images of ``net``, drawn as ``cfg`` says, as Inception
+    statistics (not yet merged across processes: :meth:`FeatureStats.reduce`), and the model evaluations they
+    took; ``images``: also write them there as PNGs. The train stage's FID (``train.fid_every``) uses it too."""
+    stats, nfe = FeatureStats(device=net.device), 0
     for indices in batches(ranks.share(cfg.num_samples), cfg.batch_size):
         x0, evaluations = net.sample(cfg, indices)
         nfe += int(evaluations.sum())
@@ -59,7 +69,8 @@ def score_cell(params: Params, cfg: SampleConfig, path: Path) -> dict[str, Any]:
     device = pick_device(cfg.device, ranks.local_rank)
     ranks.start(device)
     try:
-        mu_ref, sigma_ref, ref_count = load_stats(reference_path(params))
+        reference = reference_path(params)
+        mu_ref, sigma_ref, ref_count = load_stats(reference)
         start = time.perf_counter()
         stats, _ = sample_and_score(params, cfg, ranks, device, path.with_suffix("") if params.sweep.images else None)
         stats.reduce()
@@ -82,5 +93,9 @@ def score_cell(params: Params, cfg: SampleConfig, path: Path) -> dict[str, Any]:
     write_json(cell, path)  # the result; how long it took goes to MLflow only
     metrics = {**cell, "seconds": round(seconds, 1)}
     logged = {"sample": {**settings, "num_samples": cell["num_samples"]}, "sweep": True}
-    run_id = log_evaluation(params.tracking, read_run_id(Path(params.paths.train)), logged, metrics, None)
+    model_sha256 = file_hash(Path(params.paths.train) / MODEL_FILE)
+    parent = read_run_id(Path(params.paths.train))
+    run_id = log_evaluation(
+        params.tracking, parent, logged, metrics, None, model_sha256=model_sha256, reference=reference
+    )
     return {**metrics, "mlflow_run_id": run_id}

@@ -26,7 +26,9 @@ points elsewhere (e.g. ``http://127.0.0.1:5000``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import json
 import logging
 import os
 import re
@@ -34,15 +36,15 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tasks.common.config import SAMPLER_SETTINGS, TrackingConfig
+from tasks.common.config import SAMPLER_SETTINGS, SETTING_KEYS, TrackingConfig
 from tasks.common.errors import UserError, first_line
-from tasks.common.files import atomic_path, exclusive, project_path
+from tasks.common.files import atomic_path, exclusive, file_hash, project_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -261,7 +263,8 @@ class NullTracker:
 
     run_id: str | None = None
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int, model: Any = None) -> None: ...
+    def send(self, what: str, call: Callable[[Any], Any]) -> None: ...
     def log_image(self, image: np.ndarray, artifact_file: str) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def finish(self, status: str, timeout: float) -> None: ...
@@ -346,12 +349,24 @@ class Tracker(NullTracker):
             if k in logged and logged[k] != v:
                 self.client.set_tag(self.run_id, f"param_changed.{k}", v)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, model: Any = None) -> None:
+        """Metrics at ``step``, linked to ``model`` where given: a logged model's id, or an object whose ``model_id``
+        is set by the time they are sent (a :class:`tasks.common.logged_model.ModelUpload` sent before them)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self._send(f"metrics at step {step}", lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+        def send() -> None:  # the model's id is known once it is sent, which the Outbox does first
+            model_id = model if isinstance(model, str) or model is None else model.model_id
+            batch = [Metric(k, float(v), now, step, model_id=model_id) for k, v in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+        self._send(f"metrics at step {step}", send)
+
+    def send(self, what: str, call: Callable[[Any], Any]) -> None:
+        """``call(client)`` with this run's ``MlflowClient``, in order with the other calls (through the Outbox of a
+        training run: retried after an outage, so it must be safe to call again); ``what`` names it if unsent."""
+        self._send(what, functools.partial(call, self.client))
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         image = image.copy()  # sent later: the caller may reuse its array
@@ -374,6 +389,119 @@ class Tracker(NullTracker):
             not_recorded(self.uri, f"{summarise(missed)} in run {self.run_id}")
 
 
+CPU_METRIC = "cpu_utilization_percentage"  # one of MLflow's system metrics, on every machine
+
+
+class SystemMetrics:
+    """MLflow's own system metrics (its CPU and memory, disk, network and, with nvidia-ml-py, GPU monitors), sampled
+    every ``interval`` seconds by a daemon thread and logged to ``tracker``'s run as ``system/...`` (what MLflow's UI
+    shows under System metrics). They go through the tracker's Outbox, so a server that stops answering delays
+    them and never the stage; :meth:`stop` ends the thread. A resumed run continues its steps."""
+
+    def __init__(self, tracker: Tracker, interval: float, resume: bool) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # "no GPU monitor" on every CPU run
+        self.monitor = SystemMetricsMonitor(tracker.run_id, interval, tracking_uri=tracker.uri)  # its monitors only
+        self.tracker, self.interval, self.stopped = tracker, interval, threading.Event()
+        self.first_step = 0
+        if resume:  # after the steps the run has (MLflow's own monitor restarts at 0 unless told to read them)
+            history = tracker.client.get_metric_history(tracker.run_id, f"system/{CPU_METRIC}")
+            self.first_step = max((m.step for m in history), default=-1) + 1
+        self.thread = threading.Thread(target=self._sample, name="system-metrics", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def start(cls, tracker: NullTracker, interval: float, resume: bool = False) -> SystemMetrics | None:
+        """Sampling for ``tracker``'s run (None: no run, or ``interval`` 0, ``tracking.system_metrics``)."""
+        if not interval or not isinstance(tracker, Tracker) or tracker.outbox is None:
+            return None
+        try:
+            return cls(tracker, interval, resume)
+        except Exception as e:  # resuming reads the run: a store that does not answer gets no system metrics
+            if server_answered(e):
+                raise
+            not_recorded(tracker.uri, "system metrics", e)
+            return None
+
+    def _sample(self) -> None:
+        from mlflow.entities import Metric
+
+        monitor, step = self.monitor, self.first_step
+        while not self.stopped.wait(self.interval):
+            monitor.collect_metrics()
+            now, values = int(time.time() * 1000), monitor.aggregate_metrics()
+            for each in monitor.monitors:
+                each.clear_metrics()
+            batch = [Metric(f"system/{k}", float(v), now, step) for k, v in values.items()]
+            self.tracker.send(
+                f"system metrics {step}", lambda client, b=batch: client.log_batch(self.run_id, metrics=b)
+            )
+            step += 1
+
+    @property
+    def run_id(self) -> str | None:
+        return self.tracker.run_id
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+def _child_experiment(client: Any, cfg: TrackingConfig, uri: str, parent_run_id: str | None) -> tuple[str, str | None]:
+    """The experiment of a child run of ``parent_run_id`` and the parent it can have (None: the store no longer
+    holds the parent, a new mlflow.db: a run of its own in ``cfg.experiment``)."""
+    if parent_run_id is not None:
+        try:
+            return client.get_run(parent_run_id).info.experiment_id, parent_run_id
+        except Exception as e:
+            if not server_answered(e):
+                raise
+    return _experiment_id(client, cfg.experiment, uri), None
+
+
+def open_child_run(
+    cfg: TrackingConfig, parent_run_id: str | None, name: str, params: dict[str, Any], tags: dict[str, str]
+) -> NullTracker:
+    """A run nested under the training run (or alone in the experiment if there is none), open while a stage works
+    (its logging through an :class:`Outbox`; end it with ``finish``). Tracking off, or a server that does not
+    answer now (with a :class:`TrackingWarning`): a :class:`NullTracker`."""
+    if not cfg.enabled:
+        return NullTracker()
+    try:
+        uri = tracking_uri(cfg)
+        client = mlflow_client(uri)
+        experiment_id, parent_run_id = _child_experiment(client, cfg, uri, parent_run_id)
+        tags = {**tags, **experiment_tags(), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+        tracker = Tracker(uri, client.create_run(experiment_id, tags=tags, run_name=name).info.run_id, background=True)
+        tracker.log_params(params)
+        return tracker
+    except Exception as e:
+        if server_answered(e):
+            raise
+        not_recorded(tracking_uri(cfg), f"the run {name}", e)
+        return NullTracker()
+
+
+@contextlib.contextmanager
+def tracked_run(
+    cfg: TrackingConfig, parent_run_id: str | None, name: str, params: dict[str, Any], tags: dict[str, str]
+) -> Iterator[NullTracker]:
+    """A child run open while the block works (:func:`open_child_run`), with the system metrics sampled into it
+    (``tracking.system_metrics``); it ends FINISHED, or FAILED (KILLED on Ctrl-C or SIGTERM) if the block raises."""
+    tracker = open_child_run(cfg, parent_run_id, name, params, tags)
+    system, status = SystemMetrics.start(tracker, cfg.system_metrics), "FINISHED"
+    try:
+        yield tracker
+    except BaseException as e:
+        status = "FAILED" if isinstance(e, Exception) else "KILLED"  # KILLED: Ctrl-C, SIGTERM
+        raise
+    finally:
+        if system is not None:
+            system.stop()
+        tracker.finish(status, cfg.flush_timeout if status == "FINISHED" else min(cfg.flush_timeout, 5.0))
+
+
 def log_child_run(
     cfg: TrackingConfig,
     parent_run_id: str | None,
@@ -382,9 +510,11 @@ def log_child_run(
     metrics: dict[str, Any],
     artifacts: list[Path] = (),
     tags: dict[str, str] | None = None,
+    model_sha256: str | None = None,
 ) -> str | None:
     """One finished run nested under the training run (or alone in the experiment if there is none): its
-    params, its numeric metrics, and ``artifacts`` (images show on the run page). Its id; None, with a
+    params, its numeric metrics, and ``artifacts`` (images show on the run page); with ``model_sha256`` (of the
+    model.pt it ran), its metrics linked to that file's logged model (tag ``model_id``). Its id; None, with a
     :class:`TrackingWarning`, if the server does not answer (the stage's own outputs are complete). Tracking
     off: nothing is logged, and None."""
     if not cfg.enabled:
@@ -392,24 +522,18 @@ def log_child_run(
     try:
         uri = tracking_uri(cfg)
         client = mlflow_client(uri)
-        experiment_id = None
-        if parent_run_id is not None:
-            try:
-                experiment_id = client.get_run(parent_run_id).info.experiment_id
-            except Exception as e:
-                if not server_answered(e):
-                    raise
-                parent_run_id = None  # the store no longer holds it (a new mlflow.db): a run of its own
-        if experiment_id is None:
-            experiment_id = _experiment_id(client, cfg.experiment, uri)
+        experiment_id, parent_run_id = _child_experiment(client, cfg, uri, parent_run_id)
         tags = {**(tags or {}), **experiment_tags()}
         if parent_run_id is not None:
             tags["mlflow.parentRunId"] = parent_run_id
+        model_id = find_logged_model(client, experiment_id, parent_run_id, model_sha256) if model_sha256 else None
+        if model_id is not None:
+            tags["model_id"] = model_id
         run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
         tracker = Tracker(uri, run_id)
         tracker.log_params(params)
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and type(v) is not bool}
-        tracker.log_metrics(numbers, 0)
+        tracker.log_metrics(numbers, 0, model=model_id)
         for path in artifacts:
             if Path(path).is_file():
                 tracker.log_artifact(Path(path))
@@ -428,15 +552,38 @@ def log_evaluation(
     params: dict[str, Any],
     metrics: dict[str, Any],
     grid: Path | None,
-    tags: dict[str, str] | None = None,
+    *,
+    model_sha256: str,
+    reference: Path,
 ) -> str | None:
-    """One finished child run of the training run: the sampling config, its FID and NFE, the sample grid (its
-    id, or None: tracking off, or a server that does not answer)."""
+    """One finished child run of the training run: the sampling config, its FID and NFE (linked to the logged model
+    of ``model_sha256``, the model.pt that drew the images), the sample grid; tagged with what makes FIDs
+    comparable (:func:`comparable`, against the statistics file ``reference``). Its id, or None: tracking off,
+    or a server that does not answer."""
     if not cfg.enabled:
         return None
     name = evaluation_name(metrics)
-    tags = {"stage": "evaluate", **{k: str(metrics[k]) for k in ("device", "precision") if k in metrics}} | (tags or {})
-    return log_child_run(cfg, parent_run_id, name, params, metrics, [grid] if grid is not None else [], tags)
+    tags = {"stage": "evaluate", **{k: str(metrics[k]) for k in ("device", "precision") if k in metrics}}
+    tags["comparable"] = comparable(metrics, file_hash(reference))
+    artifacts = [grid] if grid is not None else []
+    return log_child_run(cfg, parent_run_id, name, params, metrics, artifacts, tags, model_sha256)
+
+
+def comparable(metrics: dict[str, Any], reference_sha256: str) -> str:
+    """What an FID is comparable on, as one string (the tag ``comparable`` of evaluations): the sampler and its
+    settings, the image count, and the reference statistics (the file's sha256, and its image count)."""
+    kinds = {"steps": int, "order": int, "eta": float, "base_step_size": float}
+    settings = {k: None if metrics.get(k) is None else kinds.get(k, str)(metrics[k]) for k in SETTING_KEYS}
+    counts = {k: None if metrics.get(k) is None else int(metrics[k]) for k in COUNTS}
+    return json.dumps({**settings, **counts, "reference_sha256": reference_sha256}, sort_keys=True)
+
+
+def find_logged_model(client: Any, experiment_id: str, run_id: str | None, model_sha256: str) -> str | None:
+    """The id of the newest logged model of the model.pt with this sha256, the training run's own first (None:
+    none was logged, e.g. a store that was away when training ended)."""
+    models = client.search_logged_models([experiment_id], filter_string=f"tags.model_sha256 = '{model_sha256}'")
+    mine = [m for m in models if m.source_run_id == run_id] or list(models)
+    return max(mine, key=lambda m: m.creation_timestamp).model_id if mine else None
 
 
 def evaluation_name(metrics: dict[str, Any]) -> str:
