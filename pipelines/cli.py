@@ -144,9 +144,13 @@ def _other_parsers(sub: argparse._SubParsersAction) -> None:
 def _model_file_parsers(sub: argparse._SubParsersAction) -> None:
     """The commands that carry a model into and out of the pipeline."""
     importer = _command_parser(
-        sub, "import-model", "import released DDPM weights (diffusers folder or hub id, DDPM checkpoint) as model.pt"
+        sub,
+        "import-model",
+        "import weights as model.pt: a diffusers folder or hub id, a DDPM checkpoint, an MLflow model of ours",
     )
-    importer.add_argument("source", metavar="SOURCE", help="e.g. google/ddpm-cifar10-32, or a folder or file")
+    importer.add_argument(
+        "source", metavar="SOURCE", help="e.g. google/ddpm-cifar10-32, models:/ddim-cifar10@champion, a folder or file"
+    )
     importer.add_argument("--out", metavar="FILE", help="where to write (default: <paths.train>/model.pt)")
     importer.add_argument(
         "--image-size", type=int, metavar="N", help="for original DDPM files, which do not record it (32: CIFAR-10)"
@@ -277,11 +281,12 @@ def run_fid_weights(args: argparse.Namespace) -> int:
 def run_import_model(args: argparse.Namespace) -> int:
     from tasks import import_model
     from tasks.common.checkpoint import MODEL_FILE
-    from tasks.common.config import PathsConfig
+    from tasks.common.config import Params
 
-    paths = load_params(args.params, args.overrides).paths if Path(args.params).is_file() else PathsConfig()
-    out = Path(args.out) if args.out else Path(paths.train) / MODEL_FILE
-    result = import_model.run(args.source, out, Path(paths.raw) / "models", args.image_size)
+    params = load_params(args.params, args.overrides) if Path(args.params).is_file() else Params()
+    out = Path(args.out) if args.out else Path(params.paths.train) / MODEL_FILE
+    cache = Path(params.paths.raw) / "models"
+    result = import_model.run(args.source, out, cache, args.image_size, params.tracking)
     print(json.dumps(result))
     print(f"weights: {result['weights']}", file=sys.stderr)  # which of DDPM's weights, in words
     return 0

@@ -986,7 +986,7 @@ def import_pretrained(params: Params) -> dict[str, Any]:
     like a trained model. The params must describe the imported network, so that they say what model it is."""
     source, out_dir = params.model.pretrained, Path(params.paths.train)
     assert source is not None
-    imported = read_source(source, Path(params.paths.raw) / "models", params.data.image_size)
+    imported = read_source(source, Path(params.paths.raw) / "models", params.data.image_size, params.tracking)
     mine, theirs = params.model.unet_config(params.data.image_size).to_dict(), imported.config.to_dict()
     differ = [f"{k}={v} (params: {mine[k]})" for k, v in theirs.items() if k != "dropout" and v != mine[k]]
     if differ:

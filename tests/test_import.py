@@ -205,7 +205,7 @@ def test_foreign_and_hostile_files_are_one_clear_error(small_diffusers, tmp_path
     (truncated / weights).write_bytes((st / weights).read_bytes()[:999])
     with pytest.raises(ModelImportError, match="is not a readable checkpoint"):
         import_model(str(truncated), tmp_path / "m.pt", tmp_path / "cache")
-    with pytest.raises(ModelImportError, match="not a folder, a file, an https URL or a hub id"):
+    with pytest.raises(ModelImportError, match="not a folder, a file, an https URL, a hub id"):
         import_model("no such thing", tmp_path / "m.pt", tmp_path / "cache")
 
 

@@ -188,6 +188,7 @@ def test_make_demo_runs_everything_then_only_what_changed(demo, repo):
     path, env = repo
     report = first[first.index("FID ") :]
     assert "biased" in report and "results/samples/grid.png" in report and "make ui" in report
+    assert "registered ddim-shapes16 version 1 as @champion: model m-" in report, "the demo's model is registered"
     run_id = (path / "results" / "train" / "mlflow_run_id").read_text().strip()
     assert f"MLflow run:     {run_id}" in report
     status = run([str(BIN / "dvc"), "status", "evaluate"], path, env)
@@ -430,7 +431,7 @@ def chromium() -> str:
 
 
 def test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them(repo, chromium):
-    from pipelines.browser import mlflow_experiment_url, prefect_runs_url
+    from pipelines.browser import mlflow_experiment_url, mlflow_registered_model_url, prefect_runs_url
 
     path, env = repo  # after `make demo`: its flow runs and its training run are the ones to show
     ports = [f"PREFECT_PORT={free_port()}", f"MLFLOW_PORT={free_port()}"]
@@ -460,8 +461,10 @@ def test_make_ui_shows_the_runs_in_a_browser_and_ui_stop_ends_exactly_them(repo,
         mlflow_page = _render_until(mlflow_experiment_url(mlflow_url, "ddim"), ["shapes16-ch32-4steps"])
         assert "shapes16-ch32-4steps-lambda0.1-scaled" in mlflow_page, "the training run, by name"
         assert "Run Name" in mlflow_page and "Overview" not in mlflow_page  # the runs table, not GenAI's overview
+        registry_page = _render_until(mlflow_registered_model_url(mlflow_url, "ddim-shapes16"), ["champion"])
+        assert "champion" in registry_page and "Version 1" in registry_page, "the registered model and its alias"
         shots = run(["make", "screenshots", *ports], path, env)  # the README's pictures, into docs/
-        for shot in ("ui-prefect-runs.png", "ui-mlflow-runs.png"):
+        for shot in ("ui-prefect-runs.png", "ui-mlflow-runs.png", "ui-mlflow-registry.png"):
             assert f"docs/{shot}" in shots.stdout and Image.open(path / "docs" / shot).size == (1440, 900)
     finally:
         stopped = run(["make", "ui-stop"], path, env)

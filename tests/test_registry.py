@@ -22,6 +22,7 @@ from helpers import free_port, read_images, setup_run
 
 from pipelines.cli import main
 from tasks import evaluate, reference, sample, train
+from tasks.common.checkpoint import load_model
 from tasks.common.config import load_params, render_params
 from tasks.common.tracking import read_run_id
 
@@ -82,7 +83,7 @@ def test_a_training_run_logs_its_ema_models_and_an_evaluation_links_its_fid(regi
 
 
 def test_register_picks_the_best_comparable_model_and_its_pyfunc_draws_ddim_samples_images(
-    registry, capsys, monkeypatch
+    registry, capsys, monkeypatch, tmp_path
 ):
     import mlflow
 
@@ -102,6 +103,13 @@ def test_register_picks_the_best_comparable_model_and_its_pyfunc_draws_ddim_samp
     assert printed[-1] == "not compared: 1 evaluations measured another way, repeated, or of no logged model"
     assert main(["register", "--params", str(params_file)]) == 0, "registering again adds no version"
     assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == [version.version]
+
+    capsys.readouterr()
+    imported = tmp_path / "champion.pt"  # and back into the pipeline, byte for byte the logged model.pt
+    assert main(["import-model", f"models:/{name}@champion", "--out", str(imported), "--params", str(params_file)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["layout"] == "mlflow" and result["sha256"] == client.get_logged_model(model_id).tags["model_sha256"]
+    assert load_model(imported)[0].state_dict().keys() and result["step"] == 6
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", load_params(params_file).tracking.uri)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")

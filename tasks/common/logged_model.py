@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 DATA = "ddim"  # the data folder's name inside the logged model's data/
+LOGGED_MODEL_FILE = Path("data") / DATA / "model.pt"  # the weights, in model.pt's format
 MODEL_TYPE = "ddim-eps-unet"
 # The sample section's keys that predict takes as params (how images are drawn, not how many or where).
 SETTINGS = (

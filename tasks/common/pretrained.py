@@ -9,7 +9,9 @@ SOURCE is one of:
   ...), as ermongroup/ddim loads them;
 - a Hugging Face hub id such as ``google/ddpm-cifar10-32`` (fetched from ``$HF_ENDPOINT``, default
   https://huggingface.co), or an https URL of a checkpoint file. Downloads go once into ``<paths.raw>/models``;
-  the known DDPM files are MD5-checked, hub files against the sha256 the hub states.
+  the known DDPM files are MD5-checked, hub files against the sha256 the hub states;
+- an MLflow logged model of this pipeline (:mod:`tasks.common.logged_model`), as a folder or a URI such as
+  ``models:/ddim-cifar10@champion`` (downloaded afresh from the tracking store: an alias moves).
 
 Nothing is unpickled that could run code: safetensors, or ``torch.load(weights_only=True)``.
 """
@@ -30,10 +32,13 @@ import torch
 from models.diffusion import make_beta_schedule
 from models.unet import UNetConfig
 from models.weights import WeightsError, convert_state_dict, ddpm_config_from_state_dict, unet_config_from_diffusers
-from tasks.common.checkpoint import is_model_file, save_model
+from tasks.common.checkpoint import is_model_file, load_model, save_model
+from tasks.common.config import TrackingConfig
 from tasks.common.download import DownloadError, fetch
 from tasks.common.errors import UserError, first_line
 from tasks.common.files import file_hash
+from tasks.common.logged_model import LOGGED_MODEL_FILE
+from tasks.common.tracking import tracking_uri
 
 HUB_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # DDPM's own checkpoints, converted to PyTorch by pytorch_diffusion (the files ermongroup/ddim downloads):
@@ -111,18 +116,45 @@ def _fetch_url(url: str, cache: Path) -> Path:
     return fetch(url, folder / name, offline_hint=hint, checksum=("md5", md5) if md5 else None)
 
 
-def locate(source: str, cache: Path) -> Path:
+def _fetch_mlflow(uri: str, cache: Path, tracking: TrackingConfig) -> Path:
+    """The MLflow model ``uri`` (``models:/NAME@ALIAS``, ``models:/<model id>``, ``runs:/...``) downloaded afresh
+    (an alias moves) from the store ``tracking`` names into ``cache``."""
+    import shutil
+
+    import mlflow.artifacts
+
+    store = tracking_uri(tracking)
+    folder = cache / "mlflow" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    shutil.rmtree(folder, ignore_errors=True)  # only ever written here, by this function
+    folder.mkdir(parents=True)
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    os.environ.update(MLFLOW_TRACKING_URI=store, MLFLOW_REGISTRY_URI=store)  # models:/ resolves through them
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
+    except Exception as e:
+        raise ModelImportError(f"{uri} cannot be fetched from MLflow at {store} ({first_line(e)})") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def locate(source: str, cache: Path, tracking: TrackingConfig | None = None) -> Path:
     """A local folder or file for ``source``, downloading into ``cache`` what is not local."""
     path = Path(source).expanduser()
     if path.exists():
         return path
+    if re.match(r"(models|runs):/", source):
+        return _fetch_mlflow(source, cache, tracking or TrackingConfig())
     if re.match(r"https?://", source):
         return _fetch_url(source, cache)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source):
         return _fetch_hub(source, cache)
     raise ModelImportError(
-        f"{source!r} is not a folder, a file, an https URL or a hub id (owner/name): "
-        f"e.g. google/ddpm-cifar10-32 or a diffusers folder"
+        f"{source!r} is not a folder, a file, an https URL, a hub id (owner/name) or an MLflow models:/ URI: "
+        f"e.g. google/ddpm-cifar10-32, a diffusers folder or models:/ddim-cifar10@champion"
     )
 
 
@@ -218,9 +250,24 @@ def which_weights(source: str, file_name: str) -> str:
     return f"{file_name}: DDPM's raw weights of the last step, not their EMA (its FIDs are the EMA weights')"
 
 
-def read_source(source: str, cache: Path, image_size: int | None = None) -> Imported:
-    """Import ``source``; ``image_size`` is needed for original-layout files (they do not record it)."""
-    path = locate(source, cache)
+def _read_logged_model(folder: Path) -> Imported:
+    """An MLflow logged model of this pipeline (:mod:`tasks.common.logged_model`): its ``model.pt``, as it is."""
+    model_pt = folder / LOGGED_MODEL_FILE
+    model, state = load_model(model_pt)
+    about = {"layout": "mlflow", "file": model_pt.name, "sha256": file_hash(model_pt), "step": state.get("step")}
+    return Imported(model.config, model.state_dict(), dict(state["diffusion"]), about)
+
+
+def read_source(
+    source: str, cache: Path, image_size: int | None = None, tracking: TrackingConfig | None = None
+) -> Imported:
+    """Import ``source``; ``image_size`` is needed for original-layout files (they do not record it), ``tracking``
+    for an MLflow model URI (default: the project's store, or ``MLFLOW_TRACKING_URI``)."""
+    path = locate(source, cache, tracking)
+    if (path / LOGGED_MODEL_FILE).is_file():
+        imported = _read_logged_model(path)
+        imported.source = {"from": source, **imported.source, "weights": "the EMA weights of this pipeline's run"}
+        return imported
     try:
         if path.is_dir():
             config, foreign, weights, diffusion = _read_diffusers(path)
