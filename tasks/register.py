@@ -136,9 +136,10 @@ def describe(key: str) -> str:
 def explain(result: dict[str, Any]) -> list[str]:
     """What :func:`run` chose and why, in lines for the terminal."""
     r = result
+    among = "the only model" if r["compared"] == 1 else f"the lowest of the {r['compared']} models"
     lines = [
         f"registered {r['registered_model']} version {r['version']} as @{r['alias']}: model {r['model_id']}",
-        f"why: FID {r['fid']:.3f}, the lowest of {r['compared']} models evaluated as the params say ({r['measured']})",
+        f"why: FID {r['fid']:.3f}, {among} evaluated as the params say ({r['measured']})",
     ]
     lines += [f"  {row['fid']:10.3f}  {row['model_id']}  {row['run']}" for row in r["ranking"]]
     if r["evaluations"] > r["compared"]:

@@ -68,11 +68,13 @@ def client_of(params_file: Path):
 
 
 def test_a_training_run_logs_its_ema_models_and_an_evaluation_links_its_fid(registry):
-    params_file, [(run_id, _, result), *_] = registry
+    params_file, [(run_id, _, result), (second_run, *_), _] = registry
     client = client_of(params_file)
     experiment = client.get_run(run_id).info.experiment_id
     models = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
     assert sorted(int(m.tags["step"]) for m in models) == [3, 6], "train.model_every=3, and the final one"
+    again = [m for m in client.search_logged_models([experiment]) if m.source_run_id == second_run]
+    assert sorted(int(m.tags["step"]) for m in again) == [3, 6], "a rerun after the last step logs nothing new"
     assert {m.status.name for m in models} == {"READY"} and {m.model_type for m in models} == {"ddim-eps-unet"}
     assert sorted(o.step for o in client.get_run(run_id).outputs.model_outputs) == [3, 6]
     evaluation = client.get_run(result["mlflow_run_id"])
@@ -98,7 +100,8 @@ def test_register_picks_the_best_comparable_model_and_its_pyfunc_draws_ddim_samp
     assert version.tags["model_id"] == model_id and version.run_id == best[0]
     assert version.source == client.get_logged_model(model_id).artifact_location
     assert printed[0] == f"registered {name} version {version.version} as @champion: model {model_id}"
-    assert printed[1].startswith(f"why: FID {best[2]['fid']:.3f}, the lowest of 2 models evaluated as the params say")
+    why = f"why: FID {best[2]['fid']:.3f}, the lowest of the 2 models evaluated as the params say"
+    assert printed[1].startswith(why)
     assert "ddim, steps 5, eta 0.0, spacing trailing; 8 images against 16 reference images" in printed[1]
     assert printed[-1] == "not compared: 1 evaluations measured another way, repeated, or of no logged model"
     assert main(["register", "--params", str(params_file)]) == 0, "registering again adds no version"
@@ -170,7 +173,7 @@ def test_register_refuses_with_one_line(tmp_path, capsys):
     assert "not found: run `ddim reference` first" in error("--set", f"paths.reference={tmp_path / 'none'}")
 
 
-def test_fid_while_training_is_a_curve_in_mlflow_and_dvc_and_its_best_checkpoint_is_kept(tmp_path, monkeypatch):
+def test_fid_while_training_is_a_curve_in_mlflow_and_dvc_and_its_best_checkpoint_is_kept(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     params_file = micro_project(tmp_path, fid_every=3, fid_samples=8, checkpoint_every=100, keep_checkpoints=1)
     summary = train.run(load_params(params_file))
@@ -197,6 +200,11 @@ def test_fid_while_training_is_a_curve_in_mlflow_and_dvc_and_its_best_checkpoint
     assert sorted(linked) == [3, 6], "a logged model at each FID step (the last one is the final model)"
     fids = dict(zip(rows["step"], rows["fid"], strict=True))
     assert {step: metrics["train_fid"] for step, metrics in linked.items()} == fids, "linked to the model it scored"
+
+    assert main(["checkpoints", "--params", str(params_file)]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    column = header.index("best_fid_step")  # the values are right-aligned under their header
+    assert row[column : column + len("best_fid_step")].strip() == str(best_step), "ddim checkpoints names the best"
 
     train.run(load_params(params_file, ["train.steps=8", "train.fid_every=0"]))  # more steps, no FID
     assert (checkpoints / f"ckpt-{best_step:08d}.pt").is_file(), "the best is never pruned"

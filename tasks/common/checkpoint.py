@@ -334,7 +334,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def describe_recipes(recipes: list[Recipe]) -> list[dict[str, Any]]:
     """One row per recipe: its name, data, model in words, the recipe params that differ between the listed
-    recipes, newest step, checkpoint count, size and when it was last written."""
+    recipes, newest step, the step of its best training-time FID, checkpoint count, size and when it was last
+    written."""
     flats = [_flat(r.fingerprint) for r in recipes]
     keys = sorted({k for f in flats for k in f} - {"dataset_sha256"})
     varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flats}) > 1]
@@ -350,6 +351,7 @@ def describe_recipes(recipes: list[Recipe]) -> list[dict[str, Any]]:
                 "model": model,
                 "differs": " ".join(f"{k.removeprefix('train.')}={flat.get(k)}" for k in varying),
                 "newest_step": recipe.steps[-1] if recipe.steps else None,
+                "best_fid_step": best["step"] if (best := read_best(recipe.folder)) else None,  # train.fid_every
                 "checkpoints": len(recipe.steps),
                 "size_mb": round(recipe.size / 2**20, 1),
                 "last_written": datetime.fromtimestamp(recipe.last_written).strftime("%Y-%m-%d %H:%M"),

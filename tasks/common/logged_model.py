@@ -112,6 +112,9 @@ class ModelUpload:
 
         if self.model_id is None:
             experiment_id = client.get_run(self.run_id).info.experiment_id
+            if (logged := self._logged_before(client, experiment_id)) is not None:  # a rerun that made nothing new
+                self.model_id = logged
+                return
             model = client.create_logged_model(
                 experiment_id, f"ema-step{self.step}", self.run_id, self.tags, model_type=MODEL_TYPE
             )
@@ -125,6 +128,14 @@ class ModelUpload:
         client.finalize_logged_model(self.model_id, "READY")
         if self.temporary:
             self.model_pt.unlink(missing_ok=True)
+
+    def _logged_before(self, client: Any, experiment_id: str) -> str | None:
+        """The id of a finished logged model of the same file and step in this run (a train stage that reruns
+        after its last step exports the same model.pt again), else None."""
+        tags = self.tags
+        query = f"source_run_id = '{self.run_id}' AND tags.model_sha256 = '{tags['model_sha256']}'"
+        found = client.search_logged_models([experiment_id], filter_string=f"{query} AND tags.step = '{tags['step']}'")
+        return next((m.model_id for m in found if m.status.name == "READY"), None)
 
     def _upload(self, client: Any) -> None:
         from mlflow.models import Model
@@ -167,7 +178,7 @@ class Sampler:
         except ValidationError as e:
             raise ConfigError(f"invalid sampler settings: {describe_error(e)}") from None
         seeds = np.asarray(model_input["seed"], dtype=np.int64)
-        index = model_input["index"] if "index" in model_input else np.zeros(len(seeds))
+        index = model_input["index"].fillna(0) if "index" in model_input else np.zeros(len(seeds))  # optional
         indices = np.asarray(index, dtype=np.int64)
         if len(seeds) and (seeds.min() < 0 or indices.min() < 0):
             raise UserError("seed and index must not be negative")
