@@ -20,6 +20,7 @@ Prefect reads ``PREFECT_API_URL`` once, when it is first imported: import this m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -40,7 +41,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.stages import STAGES, Artifact, Stage, sweep_rows
-from tasks.common.config import SampleConfig, SweepConfig, TrainConfig, load_params
+from tasks.common.config import Params, SampleConfig, SweepConfig, TrainConfig, load_params
 from tasks.common.errors import UserError
 from tasks.common.files import exclusive
 from tasks.common.tracking import read_run_id
@@ -134,15 +135,16 @@ def stream(cmd: list[str], env: dict[str, str] | None = None) -> int:
     return proc.wait()
 
 
-def torchrun_launcher(nproc: int, section: Launched | None = None) -> list[str]:
+def torchrun_launcher(nproc: int, section: Launched | None = None, options: dict[str, Any] | None = None) -> list[str]:
     """``torchrun`` for ``nproc`` processes on this machine; with ``section.nnodes > 1`` (the train, sample or
     sweep section), this machine's share of a job on several, which meet through the c10d rendezvous at
-    ``section.rdzv_endpoint``. Only training restarts failed ranks (``train.max_restarts``)."""
+    ``section.rdzv_endpoint``, as the job ``section.rdzv_id`` (and the stage's ``options``, so that each sweep
+    cell is a job of its own). Only training restarts failed ranks (``train.max_restarts``)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     restarts = f"--max-restarts={getattr(section, 'max_restarts', 0)}"
     if section is None or section.nnodes == 1:
         return [*launcher, "--standalone", restarts]
-    endpoint, job = section.rdzv_endpoint, section.rdzv_id
+    endpoint, job = section.rdzv_endpoint, "-".join([section.rdzv_id, *(str(v) for v in (options or {}).values())])
     rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job}"]
     return [*launcher, f"--nnodes={section.nnodes}", *rendezvous, restarts]
 
@@ -170,7 +172,8 @@ def launch(stage: Stage, params_file: str, overrides: list[str], options: dict[s
     params = load_params(params_file, overrides)
     section = getattr(params, stage.ranks) if stage.ranks else None
     if section is not None and (section.nproc_per_node > 1 or section.nnodes > 1):
-        return run_ranks(stage, params_file, overrides, options, torchrun_launcher(section.nproc_per_node, section))
+        launcher = torchrun_launcher(section.nproc_per_node, section, options)
+        return run_ranks(stage, params_file, overrides, options, launcher)
     if stage.progress is None:
         return stage.run(params, **options)
     progress = ProgressArtifact(stage.progress, f"{stage.name}: done (%)")
@@ -187,6 +190,21 @@ def publish(key: str, artifact: Artifact) -> None:
         create_markdown_artifact(key=key, markdown=artifact.markdown, description=artifact.description)
 
 
+# What the flow on a machine of a multi-machine job without rank 0 shows: the results are on rank 0's machine.
+ELSEWHERE = Artifact(
+    "# This machine's ranks are done\n\nRank 0 of the job ran on another machine: its results are there."
+)
+
+
+def output_lock(stage: Stage, params: Params, options: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """The exclusive lock on the stage's output for the flow's run; none for a job on several machines, whose
+    output every machine shares (the machine of rank 0 holds it: ``pipelines.ranks``)."""
+    section = getattr(params, stage.ranks) if stage.ranks else None
+    if section is not None and section.nnodes > 1:
+        return contextlib.nullcontext()
+    return exclusive(stage.locks(params, **options), f"`ddim {stage.name}`")
+
+
 def stage_flow(stage: Stage) -> Any:
     """The Prefect flow of ``stage``: lock its output, download what it needs, run its task, publish."""
 
@@ -201,11 +219,11 @@ def stage_flow(stage: Stage) -> Any:
     ) -> dict[str, Any]:
         overrides, options = list(overrides or []), dict(options or {})
         params = load_params(params_file, overrides)
-        with exclusive(stage.locks(params, **options), f"`ddim {stage.name}`"):
+        with output_lock(stage, params, options):
             if stage.fetch is not None and (wanted := stage.fetch(params)) is not None:
                 options["archive"] = download_task(*wanted)
             result = work(params_file, overrides, options)
-        publish(stage.artifact, stage.publish(result, params))
+        publish(stage.artifact, stage.publish(result, params) if result else ELSEWHERE)
         return result
 
     return run_stage

@@ -9,13 +9,14 @@ then stops the other ranks and exits non-zero); any other error is a bug, whose 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
-from pipelines.stages import STAGES
-from tasks.common.config import load_params
+from pipelines.stages import STAGES, Stage
+from tasks.common.config import Params, load_params
 from tasks.common.distributed import Ranks
 from tasks.common.errors import UserError, out_of_memory
-from tasks.common.files import write_json
+from tasks.common.files import exclusive, write_json
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -29,12 +30,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def machine_lock(stage: Stage, params: Params, options: dict) -> contextlib.AbstractContextManager:
+    """The lock on the stage's output, held by rank 0 of a job on several machines (whose flows lock nothing: the
+    output is shared, and a lock held on every machine would keep all but one out)."""
+    if Ranks.from_env().is_main and getattr(params, stage.ranks).nnodes > 1:
+        return exclusive(stage.locks(params, **options), f"`ddim {stage.name}`")
+    return contextlib.nullcontext()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     stage = STAGES[args.stage]
     options = {o.name: getattr(args, o.name) for o in stage.options}
     try:
-        result = stage.run(load_params(args.params, args.overrides), **options)
+        params = load_params(args.params, args.overrides)
+        with machine_lock(stage, params, options):
+            result = stage.run(params, **options)
     except Exception as e:
         error = e if isinstance(e, UserError) else out_of_memory(stage.name, e)
         if error is None:

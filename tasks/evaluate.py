@@ -72,5 +72,6 @@ def run(params: Params) -> dict[str, Any]:
         samples / "grid.png",
         model_sha256=model_sha256,  # the model that drew the images: its logged model gets the FID
         reference=reference,
+        clip_x0=sampling.get("clip_x0", True),  # older records lack it; the default was on
     )
     return {**metrics, "mlflow_run_id": run_id, "inception_images_per_s": round(len(files) / seconds, 2)}

@@ -19,6 +19,7 @@ The folder is built beside OUT and renamed into place: OUT is either the old exp
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from models.diffusion import make_beta_schedule
 from models.weights import diffusers_config, export_state_dict
 from tasks.common.checkpoint import load_model
 from tasks.common.errors import UserError
-from tasks.common.files import atomic_folder, exclusive, file_hash
+from tasks.common.files import atomic_folder, exclusive, file_hash, foreign_entries
 
 RECORD = "ddim_export.json"
 DIFFUSERS_FORMAT = "0.30.0"  # the diffusers release whose folder layout this writes (any later one reads it)
@@ -62,19 +63,23 @@ def scheduler_config(diffusion: dict[str, Any], clip_x0: bool) -> dict[str, Any]
     return config
 
 
+OWN_FILES = re.compile(r"model_index\.json|ddim_export\.json")
+OWN_SUBFOLDERS = {
+    "unet": re.compile(r"config\.json|diffusion_pytorch_model\.safetensors"),
+    "scheduler": re.compile(r"scheduler_config\.json"),
+}
+
+
 def check_out(out: Path) -> None:
     """Refuse an OUT that is a file, or a folder holding anything but an earlier export's own files."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} is a file: give a folder to export into (it is created)")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    try:
-        written = set(json.loads((out / RECORD).read_text())["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        written = set()
-    present = {str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir()}
-    if not written or present - written - {RECORD}:
-        foreign = sorted(present - written - {RECORD}) or sorted(present)
+    foreign = foreign_entries(out, OWN_FILES, OWN_SUBFOLDERS)
+    if not foreign and not (out / RECORD).is_file():
+        foreign = sorted(p.name for p in out.iterdir())  # diffusers' own files, but not written by this command
+    if foreign:
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise ExportError(
             f"{out} holds files that ddim export-model did not write ({listed}): give a new or empty folder"

@@ -33,7 +33,7 @@ def wanted(params: Params) -> str:
     reference = reference_path(params)
     _, _, count = load_stats(reference)
     counts = {"num_samples": params.sample.num_samples, "reference_count": count}
-    return comparable({**params.sample.settings(), **counts}, file_hash(reference))
+    return comparable({**params.sample.settings(), **counts}, file_hash(reference), params.sample.clip_x0)
 
 
 def candidates(client: Any, experiment: str, key: str) -> tuple[list[Any], int]:
@@ -56,6 +56,8 @@ def register_version(client: Any, name: str, evaluation: Any) -> str:
     from mlflow.exceptions import MlflowException
 
     model_id = evaluation.data.tags["model_id"]
+    if client.get_logged_model(model_id).status.name != "READY":
+        raise RegisterError(f"the best model, {model_id}, was never uploaded whole: train again, or evaluate another")
     try:
         client.get_registered_model(name)
     except MlflowException as e:
@@ -95,9 +97,11 @@ def run(params: Params, alias: str = "champion") -> dict[str, Any]:
         client.set_registered_model_alias(name, alias, version)
         runs = {r.data.tags.get("mlflow.parentRunId") for r in ranked[:6]} - {None}
         names = {run_id: client.get_run(run_id).info.run_name for run_id in runs}
+    except UserError:
+        raise
     except Exception as e:
-        if isinstance(e, UserError) or server_answered(e):
-            raise
+        if server_answered(e):  # a refusal: a model deleted meanwhile, a name the registry does not take
+            raise RegisterError(f"MLflow at {uri} refused: {first_line(e)}") from None
         raise RegisterError(
             f"the MLflow store {uri} cannot be read ({first_line(e)}): start it, or fix tracking.uri"
         ) from None
@@ -125,7 +129,7 @@ def parent(evaluation: Any) -> str | None:
 def describe(key: str) -> str:
     """A ``comparable`` tag in words: ``ddim, steps 50, eta 1.0, spacing quad; 500 images against 1000 ...``."""
     k = json.loads(key)
-    names = ("steps", "eta", "spacing", "order", "variant", "base_step_size")
+    names = ("steps", "eta", "spacing", "order", "variant", "base_step_size", "clip_x0")
     settings = "".join(f", {name} {k[name]}" for name in names if k.get(name) is not None)
     return (
         f"{k['sampler']}{settings}; {k['num_samples']} images against "

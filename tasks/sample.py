@@ -190,7 +190,7 @@ def sampling_run(params: Params, device: str, precision: str, ranks: Ranks) -> c
     if not ranks.is_main:
         return contextlib.nullcontext(NullTracker())
     cfg = params.sample
-    settings = {k: v for k, v in cfg.settings().items() if v is not None}
+    settings = cfg.own_settings()
     name = f"sample-{evaluation_name(settings)}"
     tags = {"stage": "sample", "device": device, "precision": precision}
     logged = {"sample": {**settings, "num_samples": cfg.num_samples, "seed": cfg.seed}}

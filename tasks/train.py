@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from models.diffusion import ddim_sample, ddim_timesteps, training_losses
 from models.unet import UNet
 from tasks.common.checkpoint import (
+    BEST_FILE,
     MODEL_FILE,
     adopt_flat_checkpoints,
     checkpoint_path,
@@ -75,7 +77,7 @@ from tasks.common.dataset import DeviceImages, PreparedDataset, dataset_dir
 from tasks.common.devices import autocast_dtype, on_device, pick_device, set_precision
 from tasks.common.distributed import Ranks
 from tasks.common.errors import UserError
-from tasks.common.fid import frechet_distance, load_stats, reference_path
+from tasks.common.fid import EvaluationError, frechet_distance, load_stats, reference_path
 from tasks.common.files import atomic_path, exclusive, file_hash, project_path, write_json
 from tasks.common.graphs import Graphed
 from tasks.common.images import make_grid, to_uint8
@@ -642,7 +644,8 @@ class TrainingFID:
 
     The best score's checkpoint is the recipe's ``best.json`` (:func:`tasks.common.checkpoint.read_best`), which
     pruning never deletes, also in later runs with the FID off. Scores are compared only when measured the same
-    way (image count, sampler settings, reference file): another way starts a new best."""
+    way (image count, sampler settings, reference file): another way starts a new best, and the old one becomes
+    an ordinary checkpoint."""
 
     def __init__(self, trainer: Trainer) -> None:
         params, cfg = trainer.params, trainer.cfg
@@ -650,11 +653,14 @@ class TrainingFID:
         self.sampling = params.sample.model_copy(update={"num_samples": cfg.fid_samples})
         self.reference: tuple[np.ndarray, np.ndarray] | None = None
         self.measured_with: dict[str, Any] = {}
-        if self.every:
+        if self.every:  # a missing reference or Inception fails now, before the first step
             path = reference_path(params)
-            self.reference = load_stats(path)[:2]  # a missing reference fails now, before the first step
-            settings = {k: v for k, v in self.sampling.settings().items() if v is not None}
+            self.reference = load_stats(path)[:2]
+            self.inception = load_inception(trainer.device)
+            settings = self.sampling.own_settings()
             self.measured_with = {"num_samples": cfg.fid_samples, **settings, "reference_sha256": file_hash(path)}
+        if trainer.start_step == 0 and trainer.dist.is_main:  # no checkpoint of the recipe left: nor a best of it
+            (trainer.checkpoints / BEST_FILE).unlink(missing_ok=True)
         self.best = read_best(trainer.checkpoints)
 
     def due(self, step: int) -> bool:
@@ -665,9 +671,8 @@ class TrainingFID:
         return self.best["step"] if self.best else None
 
     def measure(self, trainer: Trainer) -> float | None:
-        """The EMA model's FID now (every rank draws its share; the score on rank 0, None on the others)."""
-        if self.inception is None:
-            self.inception = load_inception(trainer.device)
+        """The EMA model's FID now (every rank draws its share; the score on rank 0, None on the others, and on rank
+        0 too, with a warning, when the statistics give no FID: training goes on)."""
         amp_dtype = autocast_dtype(trainer.params.sample.precision, trainer.device)
         ema = trainer.ema.module
         ema.eval()
@@ -681,7 +686,11 @@ class TrainingFID:
         if not trainer.dist.is_main:
             return None
         assert self.reference is not None
-        return frechet_distance(*stats.mean_and_covariance(), *self.reference)
+        try:
+            return frechet_distance(*stats.mean_and_covariance(), *self.reference)
+        except EvaluationError as e:  # degenerate statistics (too few images, an early model): no score this time
+            warnings.warn(f"no FID while training this time: {e}", stacklevel=2)
+            return None
 
     def is_best(self, fid: float) -> bool:
         """Whether ``fid`` beats the recipe's best (one measured another way does not count)."""
@@ -854,6 +863,9 @@ class Bookkeeping:
         trainer = self.trainer
         if not trainer.dist.is_main or self.tracker.run_id is None:
             return
+        waiting = [u for u in self.models.values() if u is not None and u.temporary and "artifacts" not in u.done]
+        if step not in self.models and path is None and waiting:  # MLflow is away: one snapshot waits, not many
+            self.models[step] = None
         if step not in self.models:
             if path is None:
                 self.scratch = self.scratch or Path(tempfile.mkdtemp(prefix="ddim-models-"))

@@ -92,6 +92,10 @@ def test_a_second_export_replaces_the_first_and_nothing_else_is_ever_written_ove
     assert main(["export-model", "out", "--model", "model.pt"]) == 0, "an earlier export is replaced"
     capsys.readouterr()
 
+    (tmp_path / "out" / "mine").mkdir()  # an empty folder of the user's is theirs too
+    assert main(["export-model", "out", "--model", "model.pt"]) == 1
+    assert "out holds files that ddim export-model did not write (mine)" in last_error(capsys)
+    (tmp_path / "out" / "mine").rmdir()
     (tmp_path / "out" / "unet" / "notes.txt").write_text("mine")
     assert main(["export-model", "out", "--model", "model.pt"]) == 1
     assert last_error(capsys).startswith(

@@ -102,7 +102,7 @@ def test_register_picks_the_best_comparable_model_and_its_pyfunc_draws_ddim_samp
     assert printed[0] == f"registered {name} version {version.version} as @champion: model {model_id}"
     why = f"why: FID {best[2]['fid']:.3f}, the lowest of the 2 models evaluated as the params say"
     assert printed[1].startswith(why)
-    assert "ddim, steps 5, eta 0.0, spacing trailing; 8 images against 16 reference images" in printed[1]
+    assert "ddim, steps 5, eta 0.0, spacing trailing, clip_x0 True; 8 images against 16 reference images" in printed[1]
     assert printed[-1] == "not compared: 1 evaluations measured another way, repeated, or of no logged model"
     assert main(["register", "--params", str(params_file)]) == 0, "registering again adds no version"
     assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == [version.version]
@@ -171,6 +171,17 @@ def test_register_refuses_with_one_line(tmp_path, capsys):
     assert "--alias 'v1': letters, digits, _ and -, not v<number> or latest" in error("--alias", "v1")
     assert "tracking is off" in error("--set", "tracking.enabled=false")
     assert "not found: run `ddim reference` first" in error("--set", f"paths.reference={tmp_path / 'none'}")
+
+    def imported(*args: str) -> str:
+        out = ["--out", str(tmp_path / "m.pt"), "--params", str(params_file)]
+        assert main(["import-model", "models:/ddim-s@champion", *out, *args]) == 1
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert imported().startswith("ddim import-model: error: models:/ddim-s@champion cannot be fetched from MLflow")
+    start, dead = time.monotonic(), f"http://127.0.0.1:{free_port()}"
+    assert f"cannot be fetched from MLflow at {dead}" in imported("--set", f"tracking.uri={dead}")
+    assert time.monotonic() - start < 60, "a server that does not answer is one line, soon"
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_fid_while_training_is_a_curve_in_mlflow_and_dvc_and_its_best_checkpoint_is_kept(tmp_path, monkeypatch, capsys):

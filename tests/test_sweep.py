@@ -214,33 +214,32 @@ def test_two_processes_draw_the_same_images_and_get_the_same_fid_as_one(trained,
 
 
 def two_machines(stage: str, section: str, params_file: Path, *args: str) -> dict:
-    """Rank 0's result of ``stage`` run as two "machines" on 127.0.0.1: two launchers of one process each (one
-    thread), meeting at a c10d rendezvous as ``<section>.nnodes=2`` makes ``ddim <stage>`` do on each machine."""
-    from helpers import free_port
+    """Rank 0's result of ``ddim <stage>`` run as on two "machines" on 127.0.0.1: the same command twice at once,
+    with ``<section>.nnodes=2``, one process each (one thread), meeting at a c10d rendezvous. Each command prints
+    its result: rank 0's, or ``{}`` on the machine without it."""
+    from helpers import cli_env, free_port
 
     from pipelines.flows import torchrun_launcher
 
     nodes = [f"{section}.nnodes=2", f"{section}.rdzv_endpoint=127.0.0.1:{free_port()}", f"{section}.rdzv_id=t"]
-    launcher = torchrun_launcher(1, getattr(load_params(params_file, nodes), section))
-    assert "--nnodes=2" in launcher and "--rdzv-backend=c10d" in launcher and "--standalone" not in launcher
+    launcher = torchrun_launcher(1, getattr(load_params(params_file, nodes), section), {"steps": 3})
+    assert "--nnodes=2" in launcher and "--rdzv-id=t-3" in launcher and "--standalone" not in launcher
     sets = [arg for item in nodes for arg in ("--set", item)]
-    results = [params_file.parent / f"{stage}-{machine}.json" for machine in "ab"]
-    rank = ["-m", "pipelines.ranks", stage, "--params", str(params_file), *args, *sets]
     machines = [
         subprocess.Popen(
-            [*launcher, *rank, "--result", str(result)],
+            [str(BIN / "ddim"), stage, "--params", str(params_file), *args, *sets],
             stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**cli_env(), "OMP_NUM_THREADS": "1"},
         )
-        for result in results
+        for _ in "ab"
     ]
-    logs = [m.communicate(timeout=600)[0] for m in machines]
-    assert [m.returncode for m in machines] == [0, 0], logs[0][-3000:]
-    answers = [json.loads(r.read_text()) for r in results if r.is_file()]
-    assert len(answers) == 1, "one rank 0 in the job, on one of the machines"
-    return answers[0]
+    outputs = [m.communicate(timeout=600) for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    answers = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert sorted(bool(a) for a in answers) == [False, True], "one rank 0 in the job, on one of the machines"
+    return next(a for a in answers if a)
 
 
 @pytest.mark.integration

@@ -102,7 +102,12 @@ def test_with_tracking_off_nothing_is_logged_and_runs_cannot_be_compared(tmp_pat
     tracker = Tracker.for_training(off, {"train": {"lr": 1.0}}, {"stage": "train"}, tmp_path)
     assert type(tracker) is NullTracker and tracker.run_id is None
     metrics = {"sampler": "ddim", "steps": 3, "eta": 0.0, "spacing": None, "fid": 1.0}
-    assert log_evaluation(off, "a-run-id", {"sample": {}}, metrics, None, model_sha256="0", reference=tmp_path) is None
+    assert (
+        log_evaluation(
+            off, "a-run-id", {"sample": {}}, metrics, None, model_sha256="0", reference=tmp_path, clip_x0=True
+        )
+        is None
+    )
     assert log_child_run(off, None, "child", {}, {"fid": 1.0}) is None
     with pytest.raises(UserError) as error:
         compare_runs(off)

@@ -141,12 +141,15 @@ def prune_checkpoints(folder: Path, keep: int, protect: int | None = None) -> No
 
 def read_best(folder: Path) -> dict[str, Any] | None:
     """The recipe's best checkpoint by training-time FID (``best.json``: step, train_fid, how it was measured);
-    None if there is none, or the record cannot be read."""
+    None if there is none, the record cannot be read, or its checkpoint is gone."""
     try:
         best = json.loads((folder / BEST_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return best if isinstance(best, dict) and isinstance(best.get("step"), int) else None
+    whole = isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("measured_with"), dict)
+    if not whole or not isinstance(best.get("train_fid"), int | float):
+        return None
+    return best if checkpoint_path(folder, best["step"]).is_file() else None  # deleted by hand: no best
 
 
 def write_best(folder: Path, best: dict[str, Any]) -> None:

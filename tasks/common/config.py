@@ -351,6 +351,10 @@ class SampleConfig(Section):
         used = {"sampler", *SAMPLER_SETTINGS[self.sampler]}
         return {k: getattr(self, k) if k in used else None for k in SETTING_KEYS}
 
+    def own_settings(self) -> dict[str, Any]:
+        """The sampler and the settings that apply to it (:meth:`settings` without the others)."""
+        return {k: v for k, v in self.settings().items() if v is not None}
+
 
 class SweepConfig(Section):
     """The ``sweep`` section: DDIM over steps x eta and the ODE solvers over solver x steps from model.pt, one

@@ -61,20 +61,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 @contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success put it in place of ``path`` (a folder the caller
-    has checked it may replace, or nothing), on error delete it. Readers see the old folder or the whole new one."""
+    has checked it may replace, or nothing), on error delete it. ``path`` is the old folder or the whole new one,
+    but for the moment between two renames (a folder cannot replace another in one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
+    old = staging.with_name(f"{staging.name}.old")
     try:
         yield staging
-        old = staging.with_name(f"{staging.name}.old")
         if path.exists():
             path.rename(old)
         staging.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if old.exists() and not path.exists():
+            old.rename(path)  # the old folder back where it was
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(obj: Any, path: str | Path) -> None:

@@ -43,6 +43,9 @@ SETTINGS = (
     *("sampler", "steps", "eta", "spacing", "order", "variant", "clip_x0", "base_step_size", "min_step"),
     *("max_step", "complexity_mode", "precision", "batch_size", "device"),
 )
+# An input example would run the sampler at every log (MLflow validates it); the signature describes the input.
+# Set once here: warnings.catch_warnings is not thread-safe, and models are saved by the tracker's thread.
+warnings.filterwarnings("ignore", message=".*input example was not provided", module="mlflow")
 REQUIREMENTS = ("torch", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "safetensors", "tqdm")  # what code/ imports
 
 
@@ -79,17 +82,15 @@ def save(folder: Path, model_pt: Path, sampling: dict[str, Any], mlflow_model: A
         data.mkdir()
         shutil.copyfile(model_pt, data / "model.pt")
         (data / "sampling.json").write_text(json.dumps(sampling, indent=2) + "\n")
-        with warnings.catch_warnings():  # an input example would run the sampler at every log; the signature says it
-            warnings.filterwarnings("ignore", message=".*input example was not provided")
-            mlflow.pyfunc.save_model(
-                path=str(folder),
-                loader_module=__name__,
-                data_path=str(data),
-                code_paths=[str(Path(models.__file__).parent), str(Path(tasks.__file__).parent)],
-                signature=signature(sampling, image_size),
-                pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
-                mlflow_model=mlflow_model,
-            )
+        mlflow.pyfunc.save_model(
+            path=str(folder),
+            loader_module=__name__,
+            data_path=str(data),
+            code_paths=[str(Path(models.__file__).parent), str(Path(tasks.__file__).parent)],
+            signature=signature(sampling, image_size),
+            pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
+            mlflow_model=mlflow_model,
+        )
 
 
 class ModelUpload:
@@ -112,15 +113,16 @@ class ModelUpload:
 
         if self.model_id is None:
             experiment_id = client.get_run(self.run_id).info.experiment_id
-            if (logged := self._logged_before(client, experiment_id)) is not None:  # a rerun that made nothing new
-                self.model_id = logged
-                return
-            model = client.create_logged_model(
+            model = self._logged_before(client, experiment_id) or client.create_logged_model(
                 experiment_id, f"ema-step{self.step}", self.run_id, self.tags, model_type=MODEL_TYPE
             )
             self.model_id, self.artifact_location = model.model_id, model.artifact_location
+            if model.status.name == "READY":  # a rerun after the last step exports the same model.pt: logged
+                return
         if "run" not in self.done:
-            client.log_outputs(self.run_id, [LoggedModelOutput(self.model_id, self.step)])
+            outputs = client.get_run(self.run_id).outputs
+            if not any(o.model_id == self.model_id for o in (outputs.model_outputs if outputs else [])):
+                client.log_outputs(self.run_id, [LoggedModelOutput(self.model_id, self.step)])
             self.done.add("run")
         if "artifacts" not in self.done:
             self._upload(client)
@@ -129,13 +131,14 @@ class ModelUpload:
         if self.temporary:
             self.model_pt.unlink(missing_ok=True)
 
-    def _logged_before(self, client: Any, experiment_id: str) -> str | None:
-        """The id of a finished logged model of the same file and step in this run (a train stage that reruns
-        after its last step exports the same model.pt again), else None."""
+    def _logged_before(self, client: Any, experiment_id: str) -> Any:
+        """This run's logged model of the same file and step, if one was made before: complete (a train stage that
+        reruns after its last step exports the same model.pt again), or not (an upload cut short, which this one
+        finishes); else None."""
         tags = self.tags
         query = f"source_run_id = '{self.run_id}' AND tags.model_sha256 = '{tags['model_sha256']}'"
         found = client.search_logged_models([experiment_id], filter_string=f"{query} AND tags.step = '{tags['step']}'")
-        return next((m.model_id for m in found if m.status.name == "READY"), None)
+        return max(found, key=lambda m: (m.status.name == "READY", m.creation_timestamp), default=None)
 
     def _upload(self, client: Any) -> None:
         from mlflow.models import Model

@@ -38,7 +38,7 @@ from tasks.common.download import DownloadError, fetch
 from tasks.common.errors import UserError, first_line
 from tasks.common.files import file_hash
 from tasks.common.logged_model import LOGGED_MODEL_FILE
-from tasks.common.tracking import tracking_uri
+from tasks.common.tracking import mlflow_client, tracking_uri
 
 HUB_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # DDPM's own checkpoints, converted to PyTorch by pytorch_diffusion (the files ermongroup/ddim downloads):
@@ -117,8 +117,8 @@ def _fetch_url(url: str, cache: Path) -> Path:
 
 
 def _fetch_mlflow(uri: str, cache: Path, tracking: TrackingConfig) -> Path:
-    """The MLflow model ``uri`` (``models:/NAME@ALIAS``, ``models:/<model id>``, ``runs:/...``) downloaded afresh
-    (an alias moves) from the store ``tracking`` names into ``cache``."""
+    """The MLflow model ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/<model id>``,
+    ``runs:/...``) downloaded afresh (an alias moves) from the store ``tracking`` names into ``cache``."""
     import shutil
 
     import mlflow.artifacts
@@ -127,18 +127,29 @@ def _fetch_mlflow(uri: str, cache: Path, tracking: TrackingConfig) -> Path:
     folder = cache / "mlflow" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     shutil.rmtree(folder, ignore_errors=True)  # only ever written here, by this function
     folder.mkdir(parents=True)
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    os.environ.update(MLFLOW_TRACKING_URI=store, MLFLOW_REGISTRY_URI=store)  # models:/ resolves through them
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder)))
+        location = _model_location(mlflow_client(store), uri)  # through this store, with its short retries
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(folder), tracking_uri=store)
+        )
     except Exception as e:
         raise ModelImportError(f"{uri} cannot be fetched from MLflow at {store} ({first_line(e)})") from None
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+
+
+def _model_location(client: Any, uri: str) -> str:
+    """Where the artifacts of the MLflow model ``uri`` are (a ``runs:/`` URI is one already)."""
+    if uri.startswith("runs:/"):
+        return uri
+    ref = uri.removeprefix("models:/").strip("/")
+    if "@" in ref:
+        source = client.get_model_version_by_alias(*ref.split("@", 1)).source
+    elif "/" in ref:
+        source = client.get_model_version(*ref.rsplit("/", 1)).source
+    else:
+        source = f"models:/{ref}"  # a logged model's id
+    if source.startswith("models:/"):  # a version registered from a logged model: its own location
+        source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    return source
 
 
 def locate(source: str, cache: Path, tracking: TrackingConfig | None = None) -> Path:

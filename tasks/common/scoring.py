@@ -81,7 +81,7 @@ def score_cell(params: Params, cfg: SampleConfig, path: Path) -> dict[str, Any]:
         return {}
     warn_if_biased(stats.count)
     mu, sigma = stats.mean_and_covariance()
-    settings = {k: v for k, v in cfg.settings().items() if v is not None}  # the sampler and its own settings
+    settings = cfg.own_settings()
     cell = {
         **settings,
         "nfe": len(ddim_timesteps(params.diffusion.num_train_steps, cfg.steps, cfg.spacing)),  # quad drops repeats
@@ -96,6 +96,13 @@ def score_cell(params: Params, cfg: SampleConfig, path: Path) -> dict[str, Any]:
     model_sha256 = file_hash(Path(params.paths.train) / MODEL_FILE)
     parent = read_run_id(Path(params.paths.train))
     run_id = log_evaluation(
-        params.tracking, parent, logged, metrics, None, model_sha256=model_sha256, reference=reference
+        params.tracking,
+        parent,
+        logged,
+        metrics,
+        None,
+        model_sha256=model_sha256,
+        reference=reference,
+        clip_x0=cfg.clip_x0,
     )
     return {**metrics, "mlflow_run_id": run_id}

@@ -418,9 +418,7 @@ class SystemMetrics:
             return None
         try:
             return cls(tracker, interval, resume)
-        except Exception as e:  # resuming reads the run: a store that does not answer gets no system metrics
-            if server_answered(e):
-                raise
+        except Exception as e:  # resuming reads the run; the monitors read the machine: neither may stop the stage
             not_recorded(tracker.uri, "system metrics", e)
             return None
 
@@ -429,10 +427,14 @@ class SystemMetrics:
 
         monitor, step = self.monitor, self.first_step
         while not self.stopped.wait(self.interval):
-            monitor.collect_metrics()
-            now, values = int(time.time() * 1000), monitor.aggregate_metrics()
-            for each in monitor.monitors:
-                each.clear_metrics()
+            try:
+                monitor.collect_metrics()
+                now, values = int(time.time() * 1000), monitor.aggregate_metrics()
+                for each in monitor.monitors:
+                    each.clear_metrics()
+            except Exception as e:  # a monitor that cannot read the machine: no more samples, the stage goes on
+                logging.getLogger(__name__).warning("system metrics stopped: %s", first_line(e))
+                return
             batch = [Metric(f"system/{k}", float(v), now, step) for k, v in values.items()]
             self.tracker.send(
                 f"system metrics {step}", lambda client, b=batch: client.log_batch(self.run_id, metrics=b)
@@ -555,6 +557,7 @@ def log_evaluation(
     *,
     model_sha256: str,
     reference: Path,
+    clip_x0: bool,
 ) -> str | None:
     """One finished child run of the training run: the sampling config, its FID and NFE (linked to the logged model
     of ``model_sha256``, the model.pt that drew the images), the sample grid; tagged with what makes FIDs
@@ -564,25 +567,28 @@ def log_evaluation(
         return None
     name = evaluation_name(metrics)
     tags = {"stage": "evaluate", **{k: str(metrics[k]) for k in ("device", "precision") if k in metrics}}
-    tags["comparable"] = comparable(metrics, file_hash(reference))
+    tags["comparable"] = comparable(metrics, file_hash(reference), clip_x0)
     artifacts = [grid] if grid is not None else []
     return log_child_run(cfg, parent_run_id, name, params, metrics, artifacts, tags, model_sha256)
 
 
-def comparable(metrics: dict[str, Any], reference_sha256: str) -> str:
+def comparable(metrics: dict[str, Any], reference_sha256: str, clip_x0: bool) -> str:
     """What an FID is comparable on, as one string (the tag ``comparable`` of evaluations): the sampler and its
-    settings, the image count, and the reference statistics (the file's sha256, and its image count)."""
+    settings (``clip_x0`` among them), the image count, and the reference statistics (the file's sha256, and its
+    image count)."""
     kinds = {"steps": int, "order": int, "eta": float, "base_step_size": float}
     settings = {k: None if metrics.get(k) is None else kinds.get(k, str)(metrics[k]) for k in SETTING_KEYS}
     counts = {k: None if metrics.get(k) is None else int(metrics[k]) for k in COUNTS}
-    return json.dumps({**settings, **counts, "reference_sha256": reference_sha256}, sort_keys=True)
+    made = {**settings, "clip_x0": bool(clip_x0), **counts, "reference_sha256": reference_sha256}
+    return json.dumps(made, sort_keys=True)
 
 
 def find_logged_model(client: Any, experiment_id: str, run_id: str | None, model_sha256: str) -> str | None:
-    """The id of the newest logged model of the model.pt with this sha256, the training run's own first (None:
-    none was logged, e.g. a store that was away when training ended)."""
+    """The id of the newest complete logged model of the model.pt with this sha256, the training run's own first
+    (None: none was logged, or its upload never finished: a store that was away when training ended)."""
     models = client.search_logged_models([experiment_id], filter_string=f"tags.model_sha256 = '{model_sha256}'")
-    mine = [m for m in models if m.source_run_id == run_id] or list(models)
+    ready = [m for m in models if m.status.name == "READY"]
+    mine = [m for m in ready if m.source_run_id == run_id] or ready
     return max(mine, key=lambda m: m.creation_timestamp).model_id if mine else None
 
 
