@@ -72,6 +72,7 @@ def register_version(client: Any, name: str, evaluation: Any) -> str:
     source = client.get_logged_model(model_id).artifact_location
     parent = evaluation.data.tags.get("mlflow.parentRunId")
     tags = {"model_id": model_id, "fid": str(evaluation.data.metrics["fid"]), "evaluation": evaluation.info.run_id}
+    tags["measured"] = describe(evaluation.data.tags["comparable"])  # the pyfunc's defaults are the run's, not these
     return str(client.create_model_version(name, source, parent, tags, model_id=model_id).version)
 
 

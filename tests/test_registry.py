@@ -98,6 +98,7 @@ def test_register_picks_the_best_comparable_model_and_its_pyfunc_draws_ddim_samp
     version = client.get_model_version_by_alias(name, "champion")
     model_id = client.get_run(best[2]["mlflow_run_id"]).data.tags["model_id"]
     assert version.tags["model_id"] == model_id and version.run_id == best[0]
+    assert version.tags["measured"].startswith("ddim, steps 5, eta 0.0, spacing trailing, clip_x0 True; 8 images")
     assert version.source == client.get_logged_model(model_id).artifact_location
     assert printed[0] == f"registered {name} version {version.version} as @champion: model {model_id}"
     why = f"why: FID {best[2]['fid']:.3f}, the lowest of the 2 models evaluated as the params say"
